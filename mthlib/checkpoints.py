@@ -1,0 +1,78 @@
+"""SparseDeltaCheckpoint: write the trained entries as sparse deltas during and after fit."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+from mthlib.deltas import save_delta
+from mthlib.fingerprint import model_fingerprint
+from mthlib.utils import atomic_path
+
+LAST = "last.safetensors"
+
+
+def delta_dir(trainer: pl.Trainer) -> Path:
+    """The run's delta folder: ``<log_dir>/deltas`` (the run folder that holds config and metrics)."""
+    return Path(trainer.log_dir or trainer.default_root_dir) / "deltas"
+
+
+class SparseDeltaCheckpoint(pl.Callback):
+    """Save ``deltas/step=NNNNNN.safetensors`` every ``every_n_steps`` and at the end of fit.
+
+    Each file is a :mod:`~mthlib.deltas` sparse delta of the module's masked entries;
+    ``deltas/last.safetensors`` always names the newest one (a hard link, replaced
+    atomically). Only the newest ``keep_last`` step files are kept. Only rank zero writes.
+
+    Args:
+        every_n_steps: Save every this many optimizer steps (0: only at the end of fit).
+        keep_last: Step files to keep (``last`` is extra).
+    """
+
+    def __init__(self, every_n_steps: int = 50, keep_last: int = 3) -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1; got {keep_last}")
+        self.every_n_steps = every_n_steps
+        self.keep_last = keep_last
+        self.saved: list[str] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and step > 0:
+            self.save(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.saved or not self.saved[-1].endswith(f"step={trainer.global_step:06d}.safetensors"):
+            self.save(trainer, pl_module)
+
+    def save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
+        """Write the delta of the current step, point ``last`` at it, prune old files."""
+        folder = delta_dir(trainer)
+        path = folder / f"step={trainer.global_step:06d}.safetensors"
+        if trainer.is_global_zero:
+            strategy = pl_module.mask_strategy
+            save_delta(
+                path, pl_module.model, dict(pl_module.masks.items()),
+                base_model=pl_module.hparams.model_name_or_path,
+                base_fingerprint=model_fingerprint(pl_module.model),
+                strategy=strategy.config() if strategy is not None else None,
+                sparsity=1 - pl_module.masks.density, step=trainer.global_step,
+            )
+            with atomic_path(folder / LAST) as tmp:
+                tmp.unlink()
+                os.link(path, tmp)
+            if str(path) not in self.saved:
+                self.saved.append(str(path))
+            while len(self.saved) > self.keep_last:
+                Path(self.saved.pop(0)).unlink(missing_ok=True)
+        trainer.strategy.barrier()
+        return path
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"saved": list(self.saved)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.saved = [p for p in state_dict.get("saved", []) if Path(p).exists()]

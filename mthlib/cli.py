@@ -1,0 +1,112 @@
+"""The ``mth`` command: LightningCLI's ``fit`` / ``validate`` / ``test`` plus ``masks``, ``analyze`` and ``export``.
+
+Training subcommands are a thin LightningCLI subclass over :class:`~mthlib.grpo.GRPOModule`
+and :class:`~mthlib.data.PromptDataModule`; the tool subcommands are typed functions
+exposed through jsonargparse, so their ``--help`` comes from their docstrings.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Callable
+
+from jsonargparse import ArgumentParser
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from mthlib.data import PromptDataModule
+from mthlib.grpo import GRPOModule
+from mthlib.masking import load_short_names
+
+TOOL_GROUPS = ("masks", "analyze", "export")
+
+
+warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+
+
+class MthCLI(LightningCLI):
+    """LightningCLI with mthlib's defaults: CSV metrics and checkpoints in the run folder, seed 0."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        load_short_names()
+        super().__init__(
+            GRPOModule,
+            PromptDataModule,
+            seed_everything_default=0,
+            trainer_defaults={
+                "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+                "log_every_n_steps": 1,
+                "num_sanity_val_steps": 0,
+                "check_val_every_n_epoch": None,
+                "val_check_interval": 50,
+                "max_steps": 100,
+            },
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+        )
+
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; a bad model path or value is one error line, not a traceback."""
+        try:
+            super().instantiate_classes()
+        except (FileNotFoundError, ValueError) as err:
+            sys.exit(f"mth: error: {err}")
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 50})
+
+
+def _tool_parser() -> ArgumentParser:
+    from mthlib import tools
+
+    parser = ArgumentParser(prog="mth", description="mthlib tools: masks, analyze, export")
+    groups = parser.add_subcommands(dest="group")
+    for group, functions in tools.COMMANDS.items():
+        group_parser = ArgumentParser(description=tools.DESCRIPTIONS[group])
+        if callable(functions):
+            group_parser.add_function_arguments(functions)
+        else:
+            commands = group_parser.add_subcommands(dest="command")
+            for name, function in functions.items():
+                command_parser = ArgumentParser(description=(function.__doc__ or "").splitlines()[0])
+                command_parser.add_function_arguments(function)
+                commands.add_subcommand(name, command_parser, help=(function.__doc__ or "").splitlines()[0])
+        groups.add_subcommand(group, group_parser, help=tools.DESCRIPTIONS[group])
+    return parser
+
+
+def _run_tool(argv: list[str]) -> None:
+    from mthlib import tools
+
+    parser = _tool_parser()
+    config = parser.parse_args(argv)
+    group = config.group
+    functions = tools.COMMANDS[group]
+    if callable(functions):
+        function: Callable = functions
+        arguments = config[group]
+    else:
+        command = config[group].command
+        function = functions[command]
+        arguments = config[group][command]
+    try:
+        function(**{k: v for k, v in vars(arguments).items() if not k.startswith("__")})
+    except (ValueError, FileNotFoundError, KeyError) as err:
+        sys.exit(f"mth {group}: error: {err}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``mth`` console script."""
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] in TOOL_GROUPS:
+        _run_tool(words)
+    else:
+        MthCLI(args=argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""Environments: seeded prompts and rewards."""
+
+from mthlib.envs.alphabet_sort import AlphabetSort
+from mthlib.envs.base import Environment, Episode
+from mthlib.envs.jsonl import JsonlEnv
+
+__all__ = ["AlphabetSort", "Environment", "Episode", "JsonlEnv"]

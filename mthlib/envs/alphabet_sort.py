@@ -1,0 +1,201 @@
+"""The alphabet-sort environment: sort names over several turns, marking the new ones.
+
+Mirrors Kalomaze's Alphabetsort environment (verifiers ``environments/alphabet_sort``), the task
+the "Beyond the Lottery Ticket" blog trains on: same prompts, answer tags and reward for the same
+episode and replies. Only the names differ: mthlib ships its own list (``names.txt``) instead of
+the Hugging Face data set of arXiv authors.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Literal
+
+from mthlib.envs.base import Environment, Episode
+from mthlib.envs.rewards import attempt_ratios, extract_tagged, keep_if_improving, normalize_lines, turn_score
+
+NAMES_FILE = Path(__file__).with_name("names.txt")
+FIRST_TAG = "alphabetical_sorted"
+LATER_TAG = "combined_alphabetical_sorted"
+NEW_MARK = " // new name!"
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """Split a concatenated name at its first upper-case character at index 1 or later.
+
+    ``"Jean-PierreSerre"`` gives ``("Jean-", "PierreSerre")`` and ``"LudwigvanBeethoven"`` gives
+    ``("Ludwigvan", "Beethoven")``; a name without an inner capital has an empty last name.
+    """
+    for i in range(1, len(name)):
+        if name[i].isupper():
+            return name[:i], name[i:]
+    return name, ""
+
+
+def sort_names(names: list[str], by: Literal["FIRST", "LAST"]) -> list[str]:
+    """``names`` sorted by the ``"FIRST"`` or ``"LAST"`` part of :func:`split_name`.
+
+    Python's stable ``sorted``: code-point order, case-sensitive, ties keep the order of ``names``.
+    """
+    part = 0 if by == "FIRST" else 1
+    return sorted(names, key=lambda name: split_name(name)[part])
+
+
+def load_names(path: str | Path) -> list[str]:
+    """Names of a file with one name per line: spaces removed, blank lines and repeats dropped (first kept).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"names file not found: {path}")
+    names = (line.replace(" ", "").strip() for line in path.read_text(encoding="utf-8").splitlines())
+    return list(dict.fromkeys(name for name in names if name))
+
+
+def _format_block(tag: str, lines: list[str]) -> str:
+    return "\n".join([f"<{tag}>", *lines, f"</{tag}>"])
+
+
+class AlphabetSort(Environment):
+    """Sort names alphabetically by first or last name over 1-3 turns, marking each turn's new names.
+
+    Turn 1 asks for the names sorted inside ``<alphabetical_sorted>``; every later turn adds names
+    and asks for the whole list re-sorted inside ``<combined_alphabetical_sorted>``, the new names
+    ending in ``// new name!``. A turn's score is the ``difflib`` similarity of the normalised answer
+    to the expected one (zero unless several attempts strictly improve); the reward averages the
+    turns, missing ones counting 0, as the original environment does.
+
+    Metrics beside ``reward``: ``format`` (fraction of turns with a complete answer tag pair),
+    ``similarity`` (mean unpowered turn score, strict-increase rule included, over the turns that
+    had a pair; 0.0 if none did) and ``accuracy`` (1.0 when every turn's counted attempt equals the
+    expected answer after normalisation).
+
+    Args:
+        min_turns: Fewest turns of an episode.
+        max_turns: Most turns of an episode.
+        min_names_per_turn: Fewest names a turn introduces.
+        max_names_per_turn: Most names a turn introduces.
+        power: Exponent applied to the similarity (the original's ``similarity_power``).
+        power_per_turn: Raise every turn's score to ``power`` and average (the original's default);
+            otherwise raise the average of the raw scores to ``power``.
+        names_file: A text file with one name per line (spaces are removed); default: the list
+            shipped with mthlib.
+    """
+
+    def __init__(
+        self,
+        min_turns: int = 1,
+        max_turns: int = 3,
+        min_names_per_turn: int = 1,
+        max_names_per_turn: int = 5,
+        power: float = 4.0,
+        power_per_turn: bool = True,
+        names_file: str | None = None,
+    ) -> None:
+        if not 1 <= min_turns <= max_turns:
+            raise ValueError(f"need 1 <= min_turns <= max_turns, got min_turns={min_turns}, max_turns={max_turns}")
+        if not 1 <= min_names_per_turn <= max_names_per_turn:
+            raise ValueError(
+                "need 1 <= min_names_per_turn <= max_names_per_turn, got "
+                f"min_names_per_turn={min_names_per_turn}, max_names_per_turn={max_names_per_turn}"
+            )
+        if power <= 0:
+            raise ValueError(f"power must be > 0, got {power}")
+        self.min_turns = min_turns
+        self.max_turns = max_turns
+        self.min_names_per_turn = min_names_per_turn
+        self.max_names_per_turn = max_names_per_turn
+        self.power = power
+        self.power_per_turn = power_per_turn
+        self.names = load_names(names_file if names_file is not None else NAMES_FILE)
+        needed = max_turns * max_names_per_turn
+        if len(self.names) < needed:
+            raise ValueError(
+                f"names file {names_file or NAMES_FILE} has {len(self.names)} distinct names; "
+                f"max_turns * max_names_per_turn = {needed} are needed"
+            )
+
+    def sample(self, rng: random.Random) -> Episode:
+        """Draw turns, names per turn, sort key, names, then the shuffled prompts and templates."""
+        num_turns = rng.randint(self.min_turns, self.max_turns)
+        counts = [rng.randint(self.min_names_per_turn, self.max_names_per_turn) for _ in range(num_turns)]
+        by = rng.choice(["FIRST", "LAST"])
+        drawn = rng.sample(self.names, sum(counts))
+        turn_names = []
+        for count in counts:
+            turn_names.append(drawn[:count])
+            drawn = drawn[count:]
+        answers = []
+        for turn, new in enumerate(turn_names):
+            ordered = sort_names([name for names in turn_names[: turn + 1] for name in names], by)
+            answers.append(tuple(name + NEW_MARK if turn and name in new else name for name in ordered))
+        user_turns = [self._first_prompt(rng, turn_names[0], by)]
+        for turn in range(1, num_turns):
+            user_turns.append(self._later_prompt(rng, turn_names, turn, by))
+        return Episode(
+            user_turns=tuple(user_turns),
+            answer=tuple(answers),
+            info={"sort_by": by, "turn_names": [list(names) for names in turn_names]},
+        )
+
+    def _first_prompt(self, rng: random.Random, names: list[str], by: str) -> str:
+        shown = list(names)
+        rng.shuffle(shown)
+        count = rng.randint(self.min_names_per_turn, self.max_names_per_turn)
+        template = _format_block(FIRST_TAG, [f"Name{i}" for i in range(1, count + 1)])
+        return (
+            f"Sort these names in alphabetical order by {by} name: {', '.join(shown)}\n\n"
+            f"Use exactly this format:\n{template}"
+        )
+
+    def _later_prompt(self, rng: random.Random, turn_names: list[list[str]], turn: int, by: str) -> str:
+        shown = list(turn_names[turn])
+        rng.shuffle(shown)
+        text = (
+            f"Now sort ALL of these names alphabetically by {by} name: {', '.join(shown)}\n\n"
+            "These are in addition to the prior list. Mark any NEW names (that weren't in the prior list) "
+            "with `// new name!` at the end."
+        )
+        if turn > 1:
+            return text + " Follow the same format as before."
+        total = sum(len(names) for names in turn_names[: turn + 1])
+        count = rng.randint(self.min_names_per_turn, total)
+        first_new = rng.randint(0, count - 1)
+        lines = [f"Name{i}" + (NEW_MARK if i > first_new else "") for i in range(1, count + 1)]
+        return f"{text}\n\nUse exactly this format:\n{_format_block(LATER_TAG, lines)}"
+
+    def score(self, episode: Episode, replies: list[str]) -> dict[str, float]:
+        """Reward exactly as the original environment computes it, plus format, similarity and accuracy."""
+        num_turns = episode.num_turns
+        power = self.power if self.power_per_turn else None
+        scores, raw_scores, formatted, exact = [], [], 0, 0
+        for turn, expected_lines in enumerate(episode.answer):
+            reply = replies[turn] if turn < len(replies) else ""
+            tag = LATER_TAG if turn else FIRST_TAG
+            expected = "\n".join(expected_lines)
+            scores.append(turn_score(reply, tag, expected, power))
+            attempts = extract_tagged(reply, tag)
+            if not attempts:
+                continue
+            formatted += 1
+            raw = keep_if_improving(attempt_ratios(reply, tag, expected))
+            raw_scores.append(raw)
+            if raw > 0 and normalize_lines(attempts[-1]) == normalize_lines(expected):
+                exact += 1
+        mean = sum(scores) / num_turns
+        return {
+            "reward": mean if self.power_per_turn else mean**self.power,
+            "format": formatted / num_turns,
+            "similarity": sum(raw_scores) / len(raw_scores) if raw_scores else 0.0,
+            "accuracy": float(exact == num_turns),
+        }
+
+    def reference(self, episode: Episode) -> list[str]:
+        """The ideal reply of every turn: the expected answer inside that turn's tag."""
+        return [
+            _format_block(LATER_TAG if turn else FIRST_TAG, list(lines))
+            for turn, lines in enumerate(episode.answer)
+        ]

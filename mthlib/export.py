@@ -1,0 +1,141 @@
+"""``mth export``: turn a sparse delta into a Hugging Face folder or a shareable delta folder."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from mthlib.deltas import SparseDelta, apply_delta, load_delta, write_delta
+
+DELTA_FILENAME = "delta.safetensors"
+
+
+def export_model(
+    delta: SparseDelta | str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    base_model: nn.Module | None = None,
+    tokenizer: Any | None = None,
+    base: str | None = None,
+    format: Literal["hf", "delta"] = "hf",
+    overwrite: bool = False,
+) -> Path:
+    """Write a fine-tuned model folder from a sparse delta.
+
+    The folder is built in a temporary directory beside ``out`` and renamed into
+    place, so ``out`` is either absent, the previous folder, or complete.
+
+    Args:
+        delta: A :class:`~mthlib.deltas.SparseDelta` or a path to one.
+        out: Folder to create.
+        base_model: The base model in memory; it is modified in place (the delta
+            is applied to it). When absent, the base is loaded with
+            :func:`mthlib.models.load_model` from ``base`` or, failing that, the
+            delta's recorded ``base_model``, in the dtype of the delta's values.
+        tokenizer: Saved beside the weights when given (or when the loader returns one).
+        base: Name or path of the base to load when ``base_model`` is absent.
+        format: ``"hf"`` writes ``save_pretrained`` safetensors weights (plus the
+            tokenizer) that :meth:`~transformers.AutoModelForCausalLM.from_pretrained`
+            loads; ``"delta"`` writes the delta file and a README model card naming
+            its base, so a user applies it with :func:`~mthlib.deltas.apply_delta`.
+        overwrite: Replace an existing ``out`` folder.
+
+    Returns:
+        The folder written.
+    """
+    if format not in ("hf", "delta"):
+        raise ValueError(f"format must be 'hf' or 'delta', not {format!r}")
+    loaded = delta if isinstance(delta, SparseDelta) else load_delta(delta)
+    target = Path(out)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+    if format == "hf" and base_model is None:
+        base_model, loaded_tokenizer = _load_base(base or loaded.base_model, _values_dtype(loaded))
+        tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
+    with _staging_dir(target) as tmp:
+        if format == "hf":
+            apply_delta(base_model, loaded)
+            base_model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        else:
+            write_delta(loaded, tmp / DELTA_FILENAME)
+        (tmp / "README.md").write_text(model_card(loaded, format))
+    return target
+
+
+def _values_dtype(delta: SparseDelta) -> str:
+    """The dtype the base must be loaded in for an exact scatter (float32 for an empty delta)."""
+    dtypes = {str(values.dtype).removeprefix("torch.") for values in delta.values.values()}
+    if len(dtypes) > 1:
+        raise ValueError(f"the delta mixes value dtypes {sorted(dtypes)}; pass base_model loaded to match")
+    return dtypes.pop() if dtypes else "float32"
+
+
+def _load_base(name: str, dtype: str) -> tuple[nn.Module, Any]:
+    from mthlib.models import load_model
+
+    return load_model(name, dtype=dtype)
+
+
+@contextlib.contextmanager
+def _staging_dir(target: Path) -> Iterator[Path]:
+    """Yield a fresh folder beside ``target``; on success swap it into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+        old: Path | None = None
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+            os.replace(target, old / target.name)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if old is not None:
+                os.replace(old / target.name, target)
+            raise
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def model_card(delta: SparseDelta, format: Literal["hf", "delta"]) -> str:
+    """A README.md model card: base, fingerprint, strategy, step and how to use the folder."""
+    strategy = json.dumps(delta.strategy, indent=2, sort_keys=True)
+    if format == "hf":
+        usage = (
+            "```python\nfrom transformers import AutoModelForCausalLM\n"
+            'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")\n```\n'
+        )
+    else:
+        usage = (
+            "```python\nfrom mthlib.deltas import apply_delta\n"
+            f"# load the base model {delta.base_model!r} in the dtype it was trained in, then:\n"
+            f'apply_delta(model, "{DELTA_FILENAME}")  # checks the base fingerprint first\n```\n'
+        )
+    return (
+        "---\n"
+        f"base_model: {delta.base_model}\n"
+        "tags:\n- mthlib\n- sparse-delta\n"
+        "---\n\n"
+        f"# Sparse fine-tune of {delta.base_model}\n\n"
+        f"Trained with mthlib {delta.metadata['mthlib_version']}: only {delta.num_entries} entries differ from the base.\n\n"
+        "| field | value |\n|---|---|\n"
+        f"| base model | `{delta.base_model}` |\n"
+        f"| base fingerprint | `{delta.base_fingerprint}` |\n"
+        f"| step | {delta.step} |\n"
+        f"| sparsity | {delta.sparsity} |\n"
+        f"| trained entries | {delta.num_entries} |\n\n"
+        f"## Mask strategy\n\n```json\n{strategy}\n```\n\n"
+        f"## Usage\n\n{usage}"
+    )

@@ -1,0 +1,247 @@
+"""Rollouts: batched sampling of every completion at once, and log-probs of sampled tokens in chunks.
+
+A rollout row is one conversation: the prompt, then for every turn the sampled
+assistant tokens (which carry loss) and the scripted user turn that follows them
+(which does not). Log-probabilities are computed only at loss tokens, a chunk of
+tokens at a time with activation checkpointing, so full-vocabulary logits for the
+whole batch are never held in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from mthlib.envs.base import Episode
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled (TRL's names).
+
+    Attributes:
+        max_completion_length: New tokens per turn at most.
+        temperature: Softmax temperature; log-probs are computed at the same temperature.
+        top_p: Nucleus sampling mass (1.0: off).
+        top_k: Keep the ``top_k`` most likely tokens (0: off).
+        greedy: Decode greedily (evaluation).
+    """
+
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+
+
+@dataclass
+class Rollout:
+    """Sampled conversations, right-padded into tensors.
+
+    Attributes:
+        input_ids: ``(N, T)`` token ids.
+        attention_mask: ``(N, T)`` 1 on real tokens.
+        loss_mask: ``(N, T)`` 1 on sampled assistant tokens.
+        replies: Per row, the decoded assistant reply of every turn.
+        truncated: ``(N,)`` True when a turn hit ``max_completion_length`` without an end token.
+        completion_lengths: ``(N,)`` sampled tokens per row, over all turns.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    loss_mask: torch.Tensor
+    replies: list[list[str]]
+    truncated: torch.Tensor
+    completion_lengths: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def select(self, rows: slice) -> Rollout:
+        """Rows ``rows`` with padding columns that no selected row uses dropped."""
+        used = int(self.attention_mask[rows].sum(dim=1).max())
+        return Rollout(
+            self.input_ids[rows, :used],
+            self.attention_mask[rows, :used],
+            self.loss_mask[rows, :used],
+            self.replies[rows],
+            self.truncated[rows],
+            self.completion_lengths[rows],
+        )
+
+
+def _render(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def next_turn_tokens(tokenizer: PreTrainedTokenizerBase, episode: Episode, replies: list[str]) -> list[int]:
+    """Tokens that follow the last sampled reply: the end of that turn, the next user turn, the assistant header.
+
+    The chat template is rendered with and without the next user turn; the text after
+    the end-of-turn token (which the model sampled itself) up to the new assistant
+    header is what gets appended, so the training sequence is exactly what the model saw.
+    """
+    conversation = episode.messages(replies)
+    before = _render(tokenizer, conversation[:-1], generation_prompt=False)
+    after = _render(tokenizer, conversation, generation_prompt=True)
+    eos = tokenizer.eos_token or ""
+    end = before.rfind(eos) + len(eos) if eos and eos in before else len(before)
+    if not after.startswith(before[:end]):
+        raise ValueError("the chat template does not render the conversation as a prefix of its continuation")
+    return tokenizer(after[end:], add_special_tokens=False)["input_ids"]
+
+
+def prompt_tokens(tokenizer: PreTrainedTokenizerBase, episode: Episode) -> list[int]:
+    """Tokens of the first user turn, rendered with the chat template and an assistant header."""
+    text = _render(tokenizer, episode.messages(), generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def sample_turn(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, contexts: list[list[int]], sampling: SamplingConfig
+) -> list[tuple[list[int], bool]]:
+    """Continue every context by one assistant turn, all rows in one batched ``generate`` call.
+
+    Returns:
+        Per row, the sampled tokens (up to and including the end token) and whether the
+        turn was truncated at ``max_completion_length``.
+    """
+    eos_id = tokenizer.eos_token_id
+    ids, mask = _left_pad(contexts, tokenizer.pad_token_id)
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    options = {"do_sample": False} if sampling.greedy else {
+        "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+    }
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_completion_length,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_id, **options,
+    )
+    results = []
+    for row in out[:, ids.shape[1]:].tolist():
+        if eos_id in row:
+            results.append((row[: row.index(eos_id) + 1], False))
+        else:
+            results.append((row, True))
+    return results
+
+
+def generate_rollout(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    episodes: list[Episode],
+    sampling: SamplingConfig,
+) -> Rollout:
+    """Sample one conversation per episode (repeat an episode G times for G completions).
+
+    Every turn is one batched generation over the rows still in conversation; a row whose
+    episode has more turns gets the next scripted user turn appended after its reply.
+    """
+    was_training = model.training
+    model.eval()
+    tokens = [prompt_tokens(tokenizer, ep) for ep in episodes]
+    loss = [[0] * len(t) for t in tokens]
+    replies: list[list[str]] = [[] for _ in episodes]
+    truncated = [False] * len(episodes)
+    for turn in range(max(ep.num_turns for ep in episodes)):
+        active = [i for i, ep in enumerate(episodes) if ep.num_turns > turn]
+        if turn > 0:
+            for i in active:
+                if truncated[i]:
+                    tokens[i].append(tokenizer.eos_token_id)
+                    loss[i].append(0)
+                follow = next_turn_tokens(tokenizer, episodes[i], replies[i])
+                tokens[i] += follow
+                loss[i] += [0] * len(follow)
+        sampled = sample_turn(model, tokenizer, [tokens[i] for i in active], sampling)
+        for i, (new, cut) in zip(active, sampled):
+            tokens[i] += new
+            loss[i] += [1] * len(new)
+            replies[i].append(tokenizer.decode(new, skip_special_tokens=True))
+            truncated[i] = cut
+    model.train(was_training)
+    width = max(len(t) for t in tokens)
+    ids = torch.full((len(tokens), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    loss_mask = torch.zeros_like(ids)
+    for i, (row, flags) in enumerate(zip(tokens, loss)):
+        ids[i, : len(row)] = torch.tensor(row)
+        attention[i, : len(row)] = 1
+        loss_mask[i, : len(row)] = torch.tensor(flags)
+    return Rollout(ids, attention, loss_mask, replies, torch.tensor(truncated), loss_mask.sum(dim=1))
+
+
+def _chunk_logprobs(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = (hidden @ weight.t()).float() / temperature
+    logz = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
+    with torch.no_grad():
+        probs = torch.softmax(logits.detach(), dim=-1)
+        entropy = logz.detach() - (probs * logits.detach()).sum(dim=-1)
+    return picked, entropy
+
+
+def token_logprobs(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities and entropies of the tokens under ``loss_mask``.
+
+    The decoder runs once; the output projection runs on loss tokens only, ``chunk_size``
+    tokens at a time, each chunk recomputed in backward (activation checkpointing), so
+    memory holds one chunk of vocabulary logits instead of ``N * T`` of them.
+
+    Args:
+        input_ids: ``(N, T)`` right-padded sequences.
+        attention_mask: ``(N, T)``.
+        loss_mask: ``(N, T)`` 1 at tokens whose log-probability is wanted.
+        temperature: Logits are divided by it, as when sampling.
+        chunk_size: Tokens per output-projection chunk.
+
+    Returns:
+        ``(N, T)`` log-probabilities and ``(N, T)`` entropies (detached), 0 outside ``loss_mask``.
+    """
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    wanted = loss_mask[:, 1:].bool()
+    states = hidden[:, :-1][wanted]
+    targets = input_ids[:, 1:][wanted]
+    weight = model.get_output_embeddings().weight
+    pieces, entropies = [], []
+    for start in range(0, states.shape[0], chunk_size):
+        args = (states[start:start + chunk_size], weight, targets[start:start + chunk_size], temperature)
+        if torch.is_grad_enabled():
+            picked, entropy = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+        else:
+            picked, entropy = _chunk_logprobs(*args)
+        pieces.append(picked)
+        entropies.append(entropy)
+    shape = (input_ids.shape[0], input_ids.shape[1] - 1)
+    logps = torch.zeros(shape, dtype=torch.float32, device=input_ids.device)
+    ent = torch.zeros_like(logps)
+    if pieces:
+        logps = logps.masked_scatter(wanted, torch.cat(pieces))
+        ent = ent.masked_scatter(wanted, torch.cat(entropies))
+    return F.pad(logps, (1, 0)), F.pad(ent, (1, 0))

@@ -1,0 +1,314 @@
+"""SparseAdamW: AdamW that keeps gradients and state only for the active entries of a mask.
+
+Memory: for each masked parameter a hook gathers ``grad.view(-1)[indices]`` into an fp32
+buffer of ``k`` values as soon as autograd has accumulated the dense gradient, then
+frees the dense gradient (``param.grad = None``). The optimizer state is two fp32
+vectors of ``k`` values (``exp_avg``, ``exp_avg_sq``) and a step counter per parameter.
+Parameters without active entries get ``requires_grad=False``, so autograd never
+computes their weight gradients.
+
+Exactness: the update is :class:`torch.optim.AdamW`'s (decoupled weight decay
+``p -= lr * wd * p``, bias-corrected moments, ``eps`` added to ``sqrt(v_hat)``) applied
+to the active entries only; entries outside the mask are never written, so they stay
+bitwise equal to their initial values whatever the weight decay or clipping.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from mthlib.masking.masks import Masks, index_dtype, locate
+
+_STATE_KEYS = ("exp_avg", "exp_avg_sq")
+
+_GATHER_HOOKS: dict[int, tuple[weakref.ref, RemovableHandle]] = {}
+"""Parameter id to (weak parameter, hook handle): at most one SparseAdamW gathers a parameter's gradient."""
+
+
+class SparseAdamW(torch.optim.Optimizer):
+    """AdamW over the active entries of :class:`~mthlib.masking.Masks`; everything else stays frozen.
+
+    One parameter group holds the parameters with active entries, so learning-rate
+    schedulers work on ``param_groups[0]["lr"]``. Parameters may be fp32 or bf16; state
+    and gradient buffers are fp32, and updates are computed in fp32 then rounded to the
+    parameter dtype. Constructing a SparseAdamW detaches any earlier SparseAdamW's
+    gradient hooks from the same parameters.
+
+    Gradient clipping must go through :meth:`clip_grad_norm_` (dense ``.grad`` is always
+    ``None``), and gradient accumulation works by calling ``backward`` several times
+    before :meth:`step`: the buffers sum like dense gradients do.
+
+    Args:
+        model: The model whose parameters ``masks`` names (names as in ``named_parameters()``).
+        masks: The trainable entries.
+        lr: Learning rate.
+        betas: Coefficients of the running averages of the gradient and of its square.
+        eps: Added to the denominator for numerical stability.
+        weight_decay: Decoupled weight decay coefficient (active entries only).
+
+    Raises:
+        ValueError: Bad hyper-parameters, a mask naming a parameter the model lacks or with
+            another shape, a non-contiguous parameter, or no active entry at all.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        masks: Masks,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+    ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"lr, eps and weight_decay must be >= 0; got lr={lr}, eps={eps}, weight_decay={weight_decay}")
+        if not all(0.0 <= b < 1.0 for b in betas) or len(betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1); got {betas}")
+        self._named = dict(model.named_parameters())
+        self._check(masks)
+        if masks.total == 0:
+            raise ValueError("the masks have no active entry: there is nothing to train")
+        self._param_names: dict[torch.Tensor, str] = {p: n for n, p in self._named.items()}
+        active = [self._named[name] for name in masks if masks.count(name)]
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
+        super().__init__([{"params": active}], defaults)
+        self.masks = masks
+        self._indices: dict[str, torch.Tensor] = {}
+        self._grads: dict[str, torch.Tensor] = {}
+        self._stepped_grads: dict[str, torch.Tensor] = {}
+        self._hooks: dict[str, RemovableHandle] = {}
+        for name in masks:
+            if masks.count(name):
+                self._activate(name, masks[name])
+        for name, param in self._named.items():
+            param.requires_grad_(name in self._indices)
+
+    # -- masks ------------------------------------------------------------------------------
+    def _check(self, masks: Masks) -> None:
+        for name in masks:
+            param = self._named.get(name)
+            if param is None:
+                raise ValueError(f"the masks name parameter {name}, which the model does not have")
+            if tuple(param.shape) != masks.shape(name):
+                raise ValueError(f"mask of {name} has shape {masks.shape(name)}; the parameter has {tuple(param.shape)}")
+            if masks.count(name) and not param.is_contiguous():
+                raise ValueError(f"parameter {name} is not contiguous; SparseAdamW writes through param.view(-1)")
+
+    def _activate(self, name: str, indices: torch.Tensor) -> None:
+        """Start training ``name`` at ``indices``: device indices, zero state, gather hook."""
+        param = self._named[name]
+        self._indices[name] = indices.to(param.device)
+        k = indices.numel()
+        self.state[param] = {
+            "step": torch.tensor(0.0),
+            "exp_avg": torch.zeros(k, dtype=torch.float32, device=param.device),
+            "exp_avg_sq": torch.zeros(k, dtype=torch.float32, device=param.device),
+        }
+        param.requires_grad_(True)
+        previous = _GATHER_HOOKS.pop(id(param), None)
+        if previous is not None and previous[0]() is param:
+            previous[1].remove()
+        handle = param.register_post_accumulate_grad_hook(_gather_hook(weakref.ref(self), name))
+        _GATHER_HOOKS[id(param)] = (weakref.ref(param), handle)
+        self._hooks[name] = handle
+
+    def _deactivate(self, name: str) -> None:
+        param = self._named[name]
+        self._indices.pop(name)
+        self.state.pop(param, None)
+        self._grads.pop(name, None)
+        handle = self._hooks.pop(name)
+        handle.remove()
+        if _GATHER_HOOKS.get(id(param), (None, None))[1] is handle:
+            del _GATHER_HOOKS[id(param)]
+
+    def set_masks(self, masks: Masks) -> None:
+        """Switch to new masks (dynamic strategies).
+
+        Entries kept keep their moments; grown entries start with zero moments; dropped
+        entries lose theirs. A parameter's step counter (bias correction) carries on.
+        Pending gradient buffers are remapped the same way (grown entries: 0).
+        """
+        self._check(masks)
+        if masks.total == 0:
+            raise ValueError("the new masks have no active entry: there is nothing to train")
+        for name in list(self._indices):
+            if name not in masks or not masks.count(name):
+                self._deactivate(name)
+        for name in masks:
+            new = masks[name]
+            if not new.numel():
+                continue
+            if name not in self._indices:
+                self._activate(name, new)
+                continue
+            param = self._named[name]
+            old = self._indices[name]
+            new = new.to(param.device)
+            found, position = locate(old, new)
+            state = self.state[param]
+            for key in _STATE_KEYS:
+                state[key] = _remap(state[key], found, position)
+            if name in self._grads:
+                self._grads[name] = _remap(self._grads[name], found, position)
+            self._indices[name] = new
+        self._stepped_grads = {}
+        self.param_groups[0]["params"] = [self._named[name] for name in masks if masks.count(name)]
+        for name, param in self._named.items():
+            param.requires_grad_(name in self._indices)
+        self.masks = masks
+
+    def remove_hooks(self) -> None:
+        """Detach the gradient hooks (dense gradients accumulate in ``.grad`` again)."""
+        for name in list(self._hooks):
+            handle = self._hooks.pop(name)
+            handle.remove()
+            param = self._named[name]
+            if _GATHER_HOOKS.get(id(param), (None, None))[1] is handle:
+                del _GATHER_HOOKS[id(param)]
+
+    # -- gradients --------------------------------------------------------------------------
+    def _gather(self, name: str, param: torch.Tensor) -> None:
+        grad = param.grad
+        if grad is None:
+            return
+        if grad.is_sparse:
+            raise ValueError(f"{name} has a sparse gradient; SparseAdamW needs dense gradients to gather from")
+        part = grad.reshape(-1).index_select(0, self._indices[name]).float()
+        buffer = self._grads.get(name)
+        if buffer is None:
+            self._grads[name] = part
+        else:
+            buffer.add_(part)
+        param.grad = None
+
+    @property
+    def sparse_grads(self) -> dict[str, torch.Tensor]:
+        """Name to fp32 gradient at the active entries (aligned with ``masks[name]``).
+
+        While gradients are being accumulated these are the running sums; after
+        :meth:`step` and :meth:`zero_grad` they are the gradients the last step used.
+        """
+        return dict(self._grads or self._stepped_grads)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the sparse gradient buffers (``set_to_none`` is accepted for API compatibility)."""
+        self._grads = {}
+        for name in self._indices:
+            self._named[name].grad = None
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Scale the sparse gradients so their total norm is at most ``max_norm``.
+
+        Same rule as :func:`torch.nn.utils.clip_grad_norm_` (coefficient
+        ``max_norm / (norm + 1e-6)`` clamped to 1) over the gradients SparseAdamW keeps,
+        which are exactly the gradient entries that can change the model.
+
+        Returns:
+            The total norm before clipping (a 0-dim fp32 tensor).
+        """
+        grads = list(self._grads.values())
+        if not grads:
+            return torch.zeros(())
+        norms = torch.stack([torch.linalg.vector_norm(g, norm_type) for g in grads])
+        total = torch.linalg.vector_norm(norms, norm_type)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for g in grads:
+            g.mul_(coef)
+        return total
+
+    # -- update -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One AdamW step on the active entries that received a gradient since :meth:`zero_grad`."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        lr, (beta1, beta2), eps, wd = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
+        for param in group["params"]:
+            name = self._param_names[param]
+            grad = self._grads.get(name)
+            if grad is None:
+                continue
+            state = self.state[param]
+            state["step"] += 1
+            step = float(state["step"])
+            idx = self._indices[name]
+            flat = param.view(-1)
+            weight = flat.index_select(0, idx).float()
+            if wd != 0:
+                weight.mul_(1 - lr * wd)
+            state["exp_avg"].lerp_(grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            step_size = lr / (1 - beta1**step)
+            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
+            weight.addcdiv_(state["exp_avg"], denom, value=-step_size)
+            flat.index_copy_(0, idx, weight.to(param.dtype))
+        self._stepped_grads = self._grads
+        return loss
+
+    # -- state ------------------------------------------------------------------------------
+    def state_bytes(self) -> int:
+        """Bytes held by the optimizer state tensors (moments and step counters)."""
+        return sum(
+            t.numel() * t.element_size() for state in self.state.values() for t in state.values()
+            if isinstance(t, torch.Tensor)
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """:meth:`torch.optim.Optimizer.state_dict` plus the masks (``"masks"``: names, shapes, indices)."""
+        state = super().state_dict()
+        state["masks"] = {
+            "names": list(self.masks.names),
+            "shapes": {name: list(shape) for name, shape in self.masks.shapes.items()},
+            "indices": {name: idx.to(index_dtype(math.prod(self.masks.shape(name)))) for name, idx in self.masks.items()},
+        }
+        return state
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; the moments stay fp32 whatever the parameter dtype.
+
+        Raises:
+            ValueError: The state has no masks or was saved for different masks.
+        """
+        state_dict = dict(state_dict)
+        saved = state_dict.pop("masks", None)
+        if saved is None:
+            raise ValueError("not a SparseAdamW state dict: it has no 'masks' entry")
+        masks = Masks({n: saved["indices"][n] for n in saved["names"]}, {n: saved["shapes"][n] for n in saved["names"]})
+        if masks != self.masks:
+            raise ValueError(
+                f"optimizer state was saved for different masks ({masks.total} active entries) than this "
+                f"optimizer's ({self.masks.total}); build SparseAdamW from the checkpoint's masks"
+            )
+        super().load_state_dict(state_dict)
+        for position, param in enumerate(self.param_groups[0]["params"]):
+            source = state_dict["state"].get(position, {})
+            for key in _STATE_KEYS:
+                if key in source:
+                    self.state[param][key] = source[key].to(device=param.device, dtype=torch.float32, copy=True)
+
+
+def _gather_hook(optimizer: weakref.ref, name: str) -> Callable[[torch.Tensor], None]:
+    def hook(param: torch.Tensor) -> None:
+        owner = optimizer()
+        if owner is not None:
+            owner._gather(name, param)
+
+    return hook
+
+
+def _remap(values: torch.Tensor, found: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(found.numel(), dtype=values.dtype, device=values.device)
+    out[found] = values[position[found]]
+    return out

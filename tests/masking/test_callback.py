@@ -1,0 +1,235 @@
+"""Tests of MaskCallback in real Lightning fits: frozen entries bitwise, verification, resume, dynamic masks."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from mthlib.fingerprint import model_fingerprint
+from mthlib.masking import MaskCallback, Masks, MaskStrategy, SparseAdamW
+from tests.conftest import make_tiny_lm
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+
+
+class GradMagnitude(MaskStrategy):
+    """Test strategy: keep the entries with the largest summed |gradient|; counts its computations."""
+
+    needs_calibration = True
+    computed: list[int] = []
+
+    def __init__(self, sparsity: float = 0.9, num_samples: int = 6, seed: int = 0) -> None:
+        super().__init__(sparsity, seed=seed)
+        self.num_samples = num_samples
+
+    def compute(self, model, batches):
+        GradMagnitude.computed.append(self.seed)
+        return self.top_k(self.accumulate(model, batches, lambda w, g: g.abs()))
+
+
+class Reshuffle(MaskStrategy):
+    """Dynamic test strategy: every 2 steps move half of each tensor's active entries elsewhere (seeded)."""
+
+    dynamic = True
+
+    def __init__(self, sparsity: float = 0.9, seed: int = 0) -> None:
+        super().__init__(sparsity, seed=seed)
+        self.update_every = 2
+        self.grads_seen: list[bool] = []
+
+    def compute(self, model, batches):
+        return self.top_k({n: p.detach().abs() for n, p in self.eligible(model).items()})
+
+    def update(self, masks, model, step, grads):
+        self.grads_seen.append(grads is not None and set(grads) == {n for n in masks if masks.count(n)})
+        gen = torch.Generator().manual_seed(self.seed + step)
+        indices = {}
+        for name, idx in masks.items():
+            numel = masks.to_dense(name).numel()
+            keep = idx[: idx.numel() // 2]
+            free = torch.ones(numel, dtype=torch.bool)
+            free[idx] = False
+            candidates = torch.nonzero(free).view(-1)
+            grown = candidates[torch.randperm(candidates.numel(), generator=gen)[: idx.numel() - keep.numel()]]
+            indices[name] = torch.sort(torch.cat([keep, grown])).values
+        return Masks(indices, masks.shapes)
+
+
+def step_batch(step: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    ids = torch.randint(3, 64, (4, 8), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+class TinyModule(pl.LightningModule):
+    """Minimal module following the GRPOModule contract (manual optimization, SparseAdamW from self.masks)."""
+
+    def __init__(self, corrupt_at: int | None = None, dense: bool = False) -> None:
+        super().__init__()
+        self.model = make_tiny_lm(seed=0)
+        self.tokenizer = None
+        self.masks = None
+        self.base_values = None
+        self.automatic_optimization = False
+        self.corrupt_at = corrupt_at
+        self.dense = dense
+        self.losses: list[float] = []
+
+    def configure_optimizers(self):
+        if self.dense:
+            return torch.optim.AdamW(self.model.parameters())
+        optimizer = SparseAdamW(self.model, self.masks, lr=1e-2, weight_decay=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def training_step(self, batch, batch_idx):
+        data = step_batch(self.global_step)
+        optimizer = self.optimizers()
+        for rows in (slice(0, 2), slice(2, 4)):  # two micro-batches: gradient accumulation
+            loss = self.model(**{k: v[rows] for k, v in data.items()}).loss
+            self.manual_backward(0.5 * loss)
+        optimizer.optimizer.clip_grad_norm_(0.5)
+        optimizer.step()
+        optimizer.zero_grad()
+        self.lr_schedulers().step()
+        self.losses.append(float(loss))
+        if self.corrupt_at == self.global_step:
+            with torch.no_grad():
+                frozen = ~self.masks.to_dense("model.layers.1.mlp.down_proj.weight")
+                self.model.model.layers[1].mlp.down_proj.weight[frozen] += 1e-3
+
+
+class TinyData(pl.LightningDataModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[dict] = []
+
+    def train_dataloader(self):
+        return DataLoader(list(range(64)), batch_size=1)
+
+    def calibration_batches(self, tokenizer, num_samples, batch_size, seed):
+        self.requests.append({"num_samples": num_samples, "batch_size": batch_size, "seed": seed})
+        for first in range(0, num_samples, batch_size):
+            yield step_batch(-1 - first)
+
+
+def trainer(tmp_path, max_steps: int, callback: MaskCallback) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, callbacks=[callback], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path, num_sanity_val_steps=0,
+    )
+
+
+@pytest.fixture(autouse=True)
+def _reset_counter():
+    GradMagnitude.computed.clear()
+
+
+def frozen_and_active(model, masks):
+    base = dict(make_tiny_lm(seed=0).named_parameters())
+    for name, param in model.named_parameters():
+        keep = masks.to_dense(name) if name in masks else torch.zeros_like(param, dtype=torch.bool)
+        yield name, param.detach(), base[name].detach(), keep
+
+
+def test_frozen_entries_stay_bitwise_with_decay_clipping_and_accumulation(tmp_path):
+    module, data = TinyModule(), TinyData()
+    callback = MaskCallback(GradMagnitude(num_samples=6), verify_every=1, calibration_batch_size=4)
+    trainer(tmp_path, 4, callback).fit(module, datamodule=data)
+    assert GradMagnitude.computed == [0]
+    assert data.requests == [{"num_samples": 6, "batch_size": 4, "seed": 0}]
+    masks = module.masks
+    eligible = sum(p.numel() for p in module.model.parameters() if p.dim() >= 2)
+    assert masks.total == int(eligible * 0.1)
+    trained = 0
+    for name, param, base, keep in frozen_and_active(module.model, masks):
+        assert torch.equal(param[~keep], base[~keep]), f"frozen entries of {name} moved"
+        trained += int((param[keep] != base[keep]).sum())
+    assert trained > 0.9 * masks.total
+    for name, values in module.base_values.items():
+        assert torch.equal(values, dict(make_tiny_lm(seed=0).named_parameters())[name].detach().view(-1)[masks[name]])
+    assert module.model._mth_base_fingerprint == model_fingerprint(make_tiny_lm(seed=0))
+    metrics = module.trainer.callback_metrics
+    total = sum(p.numel() for p in module.model.parameters())
+    assert float(metrics["mask/trainable_count"]) == masks.total
+    assert float(metrics["mask/trainable_fraction"]) == pytest.approx(masks.total / total)
+    assert "configure_optimizers" not in vars(module)  # the wrapper is gone after the fit
+
+
+def test_verification_names_the_corrupted_tensor(tmp_path):
+    callback = MaskCallback(GradMagnitude(), verify_every=2)
+    with pytest.raises(RuntimeError, match=r"frozen entries of model\.layers\.1\.mlp\.down_proj\.weight differ .* at step 2"):
+        trainer(tmp_path, 4, callback).fit(TinyModule(corrupt_at=1), datamodule=TinyData())
+    at_end = MaskCallback(GradMagnitude(), verify_every=0)
+    with pytest.raises(RuntimeError, match=r"down_proj\.weight differ .* at step 3"):
+        trainer(tmp_path, 3, at_end).fit(TinyModule(corrupt_at=1), datamodule=TinyData())
+
+
+def test_resume_restores_masks_without_recomputing(tmp_path):
+    straight = TinyModule()
+    trainer(tmp_path, 4, MaskCallback(GradMagnitude())).fit(straight, datamodule=TinyData())
+
+    first = TinyModule()
+    run = trainer(tmp_path, 2, MaskCallback(GradMagnitude()))
+    run.fit(first, datamodule=TinyData())
+    path = tmp_path / "two.ckpt"
+    run.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    state = checkpoint["callbacks"]["MaskCallback{'strategy': '', 'sparsity': 0.9}"]
+    assert state["indices"]["model.embed_tokens.weight"].dtype == torch.int32
+    assert state["base_fingerprint"] == model_fingerprint(make_tiny_lm(seed=0))
+    assert GradMagnitude.computed == [0, 0]
+
+    resumed, data = TinyModule(), TinyData()
+    trainer(tmp_path, 4, MaskCallback(GradMagnitude())).fit(resumed, datamodule=data, ckpt_path=path)
+    assert GradMagnitude.computed == [0, 0] and data.requests == []  # restored, not recomputed
+    assert resumed.masks == straight.masks
+    assert resumed.losses == pytest.approx(straight.losses[2:], rel=1e-6)
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_resume_refuses_another_strategy(tmp_path):
+    run = trainer(tmp_path, 1, MaskCallback(GradMagnitude()))
+    run.fit(TinyModule(), datamodule=TinyData())
+    path = tmp_path / "one.ckpt"
+    run.save_checkpoint(path)
+    with pytest.raises(ValueError, match=r"trained with mask strategy .*\"seed\": 0.* configured with .*\"seed\": 5"):
+        trainer(tmp_path, 2, MaskCallback(GradMagnitude(seed=5))).fit(TinyModule(), datamodule=TinyData(), ckpt_path=path)
+    with pytest.raises(ValueError, match=r"no mask state for MaskCallback\{'strategy': '', 'sparsity': 0.8\}"):
+        trainer(tmp_path, 2, MaskCallback(GradMagnitude(sparsity=0.8))).fit(
+            TinyModule(), datamodule=TinyData(), ckpt_path=path
+        )
+
+
+def test_dynamic_strategy_keeps_count_and_frozen_part(tmp_path):
+    strategy = Reshuffle()
+    module = TinyModule()
+    callback = MaskCallback(strategy, verify_every=1)
+    trainer(tmp_path, 5, callback).fit(module, datamodule=TinyData())
+    assert callback.last_update_step == 4 and len(strategy.grads_seen) == 2 and all(strategy.grads_seen)
+    initial = strategy.compute(make_tiny_lm(seed=0), None)
+    assert module.masks.total == initial.total and module.masks != initial
+    optimizer = module.trainer.optimizers[0]
+    assert optimizer.masks is module.masks
+    for name, param, base, keep in frozen_and_active(module.model, module.masks):
+        assert torch.equal(param[~keep], base[~keep]), f"frozen (or dropped) entries of {name} are not the base"
+        assert torch.equal(module.base_values[name], base.view(-1)[module.masks[name]])
+
+
+def test_the_module_must_build_sparse_adamw(tmp_path):
+    with pytest.raises(RuntimeError, match="needs the LightningModule to build mthlib.masking.SparseAdamW.*AdamW"):
+        trainer(tmp_path, 1, MaskCallback(GradMagnitude())).fit(TinyModule(dense=True), datamodule=TinyData())
+
+
+def test_calibration_needs_a_data_module_method(tmp_path):
+    module = TinyModule()
+    loader = DataLoader(list(range(8)), batch_size=1)
+    with pytest.raises(RuntimeError, match="calibration_batches"):
+        trainer(tmp_path, 1, MaskCallback(GradMagnitude())).fit(module, train_dataloaders=loader)

@@ -1,0 +1,100 @@
+"""`mth` end to end on a tiny model: fit from YAML writes its run folder; bad configs fail clearly."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mthlib.cli import main
+from tests.conftest import make_tiny_chat_lm
+
+CONFIG = """
+trainer:
+  max_steps: 2
+  val_check_interval: 2
+  limit_val_batches: 1
+  enable_progress_bar: false
+  logger:
+    class_path: lightning.pytorch.loggers.CSVLogger
+    init_args: {{save_dir: {runs}, name: tiny}}
+checkpoint:
+  every_n_train_steps: 2
+model:
+  model_name_or_path: {model}
+  num_generations: 2
+  max_completion_length: 4
+data:
+  env:
+    class_path: mthlib.envs.AlphabetSort
+    init_args: {{max_turns: 1}}
+  batch_size: 1
+  eval_size: 2
+"""
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    model, tokenizer = make_tiny_chat_lm(seed=3)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(CONFIG.format(runs=tmp_path / "runs", model=tmp_path / "tiny"))
+    return path
+
+
+def run_mth(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "mthlib.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_fit_from_yaml_writes_config_metrics_and_checkpoint(tiny_config, tmp_path):
+    main(["fit", "--config", str(tiny_config)])
+    run = tmp_path / "runs" / "tiny" / "version_0"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["num_generations"] == 2 and saved["seed_everything"] == 0
+    assert saved["data"]["env"]["class_path"] == "mthlib.envs.AlphabetSort"
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    train = [r for r in rows if r["reward"]]
+    assert len(train) == 2 and {"reward_std", "frac_reward_zero_std", "completions/mean_length"} <= set(rows[0])
+    assert any(r["val/reward"] for r in rows)
+    assert (run / "checkpoints" / "last.ckpt").exists()
+
+
+def test_print_config_shows_defaults_without_loading_anything(tiny_config, tmp_path):
+    result = run_mth("fit", "--config", str(tiny_config), "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    printed = yaml.safe_load(result.stdout)
+    assert printed["model"]["loss_type"] == "dapo" and printed["model"]["beta"] == 0.0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--model.not_an_option=1", "not_an_option"),
+        ("--model.num_generations=many", "num_generations"),
+        ("--model.loss_type=ppo", "loss_type"),
+    ],
+)
+def test_invalid_config_fails_with_a_clear_message(tiny_config, tmp_path, override, message):
+    result = run_mth("fit", "--config", str(tiny_config), override, cwd=tmp_path)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_model_path_fails_with_one_line(tiny_config, tmp_path):
+    result = run_mth("fit", "--config", str(tiny_config), f"--model.model_name_or_path={tmp_path}/nope", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "cannot load model" in result.stderr and "nope" in result.stderr
+
+
+def test_every_shipped_config_parses(tmp_path):
+    configs = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
+    assert configs, "configs/ is empty"
+    for config in configs:
+        result = run_mth("fit", "--config", str(config), "--print_config", cwd=tmp_path)
+        assert result.returncode == 0, f"{config.name}: {result.stderr[-2000:]}"
