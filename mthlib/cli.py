@@ -35,7 +35,7 @@ class MthCLI(LightningCLI):
             PromptDataModule,
             seed_everything_default=0,
             trainer_defaults={
-                "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs"}},
+                "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "flush_logs_every_n_steps": 1}},
                 "log_every_n_steps": 1,
                 "num_sanity_val_steps": 0,
                 "check_val_every_n_epoch": None,

@@ -83,6 +83,8 @@ class AlphabetSort(Environment):
             otherwise raise the average of the raw scores to ``power``.
         names_file: A text file with one name per line (spaces are removed); default: the list
             shipped with mthlib.
+        format_bonus: Added to the reward times ``format``. 0 (the default) is the original's reward
+            exactly; a small bonus gives a weak model a learning signal before it can sort.
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class AlphabetSort(Environment):
         power: float = 4.0,
         power_per_turn: bool = True,
         names_file: str | None = None,
+        format_bonus: float = 0.0,
     ) -> None:
         if not 1 <= min_turns <= max_turns:
             raise ValueError(f"need 1 <= min_turns <= max_turns, got min_turns={min_turns}, max_turns={max_turns}")
@@ -110,6 +113,7 @@ class AlphabetSort(Environment):
         self.max_names_per_turn = max_names_per_turn
         self.power = power
         self.power_per_turn = power_per_turn
+        self.format_bonus = format_bonus
         self.names = load_names(names_file if names_file is not None else NAMES_FILE)
         needed = max_turns * max_names_per_turn
         if len(self.names) < needed:
@@ -186,8 +190,9 @@ class AlphabetSort(Environment):
             if raw > 0 and normalize_lines(attempts[-1]) == normalize_lines(expected):
                 exact += 1
         mean = sum(scores) / num_turns
+        reward = mean if self.power_per_turn else mean**self.power
         return {
-            "reward": mean if self.power_per_turn else mean**self.power,
+            "reward": reward + self.format_bonus * formatted / num_turns,
             "format": formatted / num_turns,
             "similarity": sum(raw_scores) / len(raw_scores) if raw_scores else 0.0,
             "accuracy": float(exact == num_turns),

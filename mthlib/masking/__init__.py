@@ -8,7 +8,7 @@ entries of which parameters are trainable; :class:`SparseAdamW` updates only tho
 from mthlib.masking.base import Allocation, Batch, MaskStrategy, ScoreFn, parameter_kinds
 from mthlib.masking.callback import MaskCallback
 from mthlib.masking.masks import Masks
-from mthlib.masking.optim import SparseAdamW
+from mthlib.masking.optim import SparseAdamW, gathering_paused
 from mthlib.masking.registry import (
     available_masks,
     build_mask,
@@ -32,6 +32,7 @@ __all__ = [
     "build_mask",
     "frozen_digests",
     "gather_values",
+    "gathering_paused",
     "get_mask_class",
     "load_short_names",
     "mask_summaries",

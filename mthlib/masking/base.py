@@ -23,6 +23,8 @@ import torch
 from torch import nn
 
 from mthlib.masking.masks import Masks
+from mthlib.masking.optim import gathering_paused
+from mthlib.masking.sparse_backward import dense_weight_gradients
 
 Allocation = Literal["global", "per_tensor"]
 """``global``: one top-k over every eligible entry; ``per_tensor``: the same density in every tensor."""
@@ -272,7 +274,8 @@ class MaskStrategy(abc.ABC):
         over label tokens). The model runs in eval mode (no dropout); ``requires_grad``,
         existing ``.grad`` and the train/eval mode are restored afterwards. Gradients are
         folded into fp32 buffers as soon as they are produced, so dense ``.grad`` tensors
-        never accumulate.
+        never accumulate. Safe during sparse training: a :class:`~mthlib.masking.SparseAdamW`
+        on the same model neither sees nor loses these gradients.
 
         Returns:
             Name to ``score_fn(weight, summed_grad)`` for every eligible parameter.
@@ -384,16 +387,18 @@ def _gradient_pass(
             p.requires_grad_(id(p) in by_id)
         handles = [p.register_post_accumulate_grad_hook(fold) for p in params.values()]
         model.eval()
-        with torch.enable_grad():
+        with torch.enable_grad(), gathering_paused(everything), dense_weight_gradients():
             for batch in batches:
                 for piece in (_rows(batch) if per_sample else [batch]):
+                    if "labels" in piece and bool((piece["labels"] == -100).all()):
+                        continue  # no target token: Hugging Face's mean loss would be NaN
                     loss = model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in piece.items()}).loss
                     if loss is None:
                         raise ValueError("calibration batches need 'labels' so the model returns a loss")
                     loss.backward()
                     passes += 1
         if passes == 0:
-            raise ValueError("no calibration batches were given; the strategy needs at least one")
+            raise ValueError("no calibration batches with target tokens were given; the strategy needs at least one")
     finally:
         for handle in handles:
             handle.remove()

@@ -82,7 +82,8 @@ class MaskCallback(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(strategy=self.strategy.name, sparsity=self.strategy.sparsity)
+        name = self.strategy.name or type(self.strategy).__name__
+        return self._generate_state_key(strategy=name, sparsity=self.strategy.sparsity)
 
     def _config_json(self) -> str:
         return json.dumps(self.strategy.config(), sort_keys=True)
@@ -94,6 +95,7 @@ class MaskCallback(Callback):
         self._module = pl_module
         if self.masks is not None:
             self._apply(pl_module)
+        _unwrap(pl_module)
         original = pl_module.configure_optimizers
 
         @functools.wraps(original)
@@ -104,8 +106,10 @@ class MaskCallback(Callback):
         pl_module.configure_optimizers = configure_optimizers
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if "configure_optimizers" in vars(pl_module):
-            del pl_module.configure_optimizers
+        _unwrap(pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        _unwrap(pl_module)
 
     def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Masks:
         """Compute the masks unless they exist (restored or computed before), and publish them on the module."""
@@ -240,7 +244,7 @@ class MaskCallback(Callback):
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("callbacks") or {}
-        if self.state_key not in states:
+        if trainer.state.fn == "fit" and self.state_key not in states:
             found = [str(key) for key in states if str(key).startswith(type(self).__qualname__)]
             raise ValueError(
                 f"the checkpoint has no mask state for {self.state_key}; it has: {', '.join(found) or 'none'}. "
@@ -277,3 +281,9 @@ class MaskCallback(Callback):
                     f"the model's frozen entries of {name} (digest {digest}) differ from the checkpoint's "
                     f"({self.digests.get(name)}, base fingerprint {self.base_fingerprint}); resume from the same base"
                 )
+
+
+def _unwrap(pl_module: pl.LightningModule) -> None:
+    """Remove the instance-level ``configure_optimizers`` wrapper installed by :meth:`MaskCallback.setup`."""
+    if "configure_optimizers" in vars(pl_module):
+        del pl_module.configure_optimizers

@@ -15,21 +15,42 @@ bitwise equal to their initial values whatever the weight decay or clipping.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from mthlib.masking import sparse_backward
 from mthlib.masking.masks import Masks, index_dtype, locate
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 _GATHER_HOOKS: dict[int, tuple[weakref.ref, RemovableHandle]] = {}
 """Parameter id to (weak parameter, hook handle): at most one SparseAdamW gathers a parameter's gradient."""
+
+_PAUSED: set[int] = set()
+"""Ids of parameters whose gradients SparseAdamW leaves alone for now (see :func:`gathering_paused`)."""
+
+
+@contextlib.contextmanager
+def gathering_paused(params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Let backward passes inside the block leave dense ``.grad`` on ``params`` untouched by SparseAdamW.
+
+    Used by gradient passes that are not training steps (e.g. a dynamic strategy's
+    calibration pass during training): their gradients must neither be freed by the
+    gather hooks nor leak into the optimizer's buffers.
+    """
+    ids = {id(p) for p in params} - _PAUSED
+    _PAUSED.update(ids)
+    try:
+        yield
+    finally:
+        _PAUSED.difference_update(ids)
 
 
 class SparseAdamW(torch.optim.Optimizer):
@@ -45,6 +66,11 @@ class SparseAdamW(torch.optim.Optimizer):
     ``None``), and gradient accumulation works by calling ``backward`` several times
     before :meth:`step`: the buffers sum like dense gradients do.
 
+    Methods only mutate containers created in ``__init__``, never rebind attributes:
+    Lightning's ``LightningOptimizer`` runs methods such as ``zero_grad`` with itself as
+    ``self`` and forwards only attribute *reads* to the wrapped optimizer, so a rebinding
+    would land on the wrapper and leave this optimizer's buffers untouched.
+
     Args:
         model: The model whose parameters ``masks`` names (names as in ``named_parameters()``).
         masks: The trainable entries.
@@ -52,6 +78,9 @@ class SparseAdamW(torch.optim.Optimizer):
         betas: Coefficients of the running averages of the gradient and of its square.
         eps: Added to the denominator for numerical stability.
         weight_decay: Decoupled weight decay coefficient (active entries only).
+        sparse_backward: Let masked linear layers compute weight gradients at the active
+            entries only (:mod:`~mthlib.masking.sparse_backward`), instead of a dense
+            gradient that the hook then gathers from. Same values, far fewer FLOPs.
 
     Raises:
         ValueError: Bad hyper-parameters, a mask naming a parameter the model lacks or with
@@ -66,6 +95,7 @@ class SparseAdamW(torch.optim.Optimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.01,
+        sparse_backward: bool = True,
     ) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0; got lr={lr}, eps={eps}, weight_decay={weight_decay}")
@@ -79,7 +109,8 @@ class SparseAdamW(torch.optim.Optimizer):
         active = [self._named[name] for name in masks if masks.count(name)]
         defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}
         super().__init__([{"params": active}], defaults)
-        self.masks = masks
+        self._current = {"masks": masks}
+        self._self_ref = weakref.ref(self)  # hooks must reach this optimizer, not a wrapper calling set_masks
         self._indices: dict[str, torch.Tensor] = {}
         self._grads: dict[str, torch.Tensor] = {}
         self._stepped_grads: dict[str, torch.Tensor] = {}
@@ -89,8 +120,20 @@ class SparseAdamW(torch.optim.Optimizer):
                 self._activate(name, masks[name])
         for name, param in self._named.items():
             param.requires_grad_(name in self._indices)
+        self._model = model
+        self._sparse_backward = sparse_backward
+        self._install_sparse_backward()
+
+    def _install_sparse_backward(self) -> None:
+        if self._sparse_backward:
+            sparse_backward.install(self._model, self._indices)
 
     # -- masks ------------------------------------------------------------------------------
+    @property
+    def masks(self) -> Masks:
+        """The current masks."""
+        return self._current["masks"]
+
     def _check(self, masks: Masks) -> None:
         for name in masks:
             param = self._named.get(name)
@@ -115,7 +158,7 @@ class SparseAdamW(torch.optim.Optimizer):
         previous = _GATHER_HOOKS.pop(id(param), None)
         if previous is not None and previous[0]() is param:
             previous[1].remove()
-        handle = param.register_post_accumulate_grad_hook(_gather_hook(weakref.ref(self), name))
+        handle = param.register_post_accumulate_grad_hook(_gather_hook(self._self_ref, name))
         _GATHER_HOOKS[id(param)] = (weakref.ref(param), handle)
         self._hooks[name] = handle
 
@@ -124,10 +167,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self._indices.pop(name)
         self.state.pop(param, None)
         self._grads.pop(name, None)
-        handle = self._hooks.pop(name)
-        handle.remove()
-        if _GATHER_HOOKS.get(id(param), (None, None))[1] is handle:
-            del _GATHER_HOOKS[id(param)]
+        _release(param, self._hooks.pop(name))
 
     def set_masks(self, masks: Masks) -> None:
         """Switch to new masks (dynamic strategies).
@@ -159,29 +199,25 @@ class SparseAdamW(torch.optim.Optimizer):
             if name in self._grads:
                 self._grads[name] = _remap(self._grads[name], found, position)
             self._indices[name] = new
-        self._stepped_grads = {}
+        self._stepped_grads.clear()
         self.param_groups[0]["params"] = [self._named[name] for name in masks if masks.count(name)]
         for name, param in self._named.items():
             param.requires_grad_(name in self._indices)
-        self.masks = masks
+        self._current["masks"] = masks
+        self._install_sparse_backward()
 
     def remove_hooks(self) -> None:
         """Detach the gradient hooks (dense gradients accumulate in ``.grad`` again)."""
         for name in list(self._hooks):
-            handle = self._hooks.pop(name)
-            handle.remove()
-            param = self._named[name]
-            if _GATHER_HOOKS.get(id(param), (None, None))[1] is handle:
-                del _GATHER_HOOKS[id(param)]
+            _release(self._named[name], self._hooks.pop(name))
+        sparse_backward.uninstall(self._model)
 
     # -- gradients --------------------------------------------------------------------------
     def _gather(self, name: str, param: torch.Tensor) -> None:
         grad = param.grad
-        if grad is None:
+        if grad is None or id(param) in _PAUSED:
             return
-        if grad.is_sparse:
-            raise ValueError(f"{name} has a sparse gradient; SparseAdamW needs dense gradients to gather from")
-        part = grad.reshape(-1).index_select(0, self._indices[name]).float()
+        part = _active_part(grad, self._indices[name])
         buffer = self._grads.get(name)
         if buffer is None:
             self._grads[name] = part
@@ -200,7 +236,7 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear the sparse gradient buffers (``set_to_none`` is accepted for API compatibility)."""
-        self._grads = {}
+        self._grads.clear()
         for name in self._indices:
             self._named[name].grad = None
 
@@ -254,7 +290,8 @@ class SparseAdamW(torch.optim.Optimizer):
             denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
             weight.addcdiv_(state["exp_avg"], denom, value=-step_size)
             flat.index_copy_(0, idx, weight.to(param.dtype))
-        self._stepped_grads = self._grads
+        self._stepped_grads.clear()
+        self._stepped_grads.update(self._grads)
         return loss
 
     # -- state ------------------------------------------------------------------------------
@@ -297,6 +334,39 @@ class SparseAdamW(torch.optim.Optimizer):
             for key in _STATE_KEYS:
                 if key in source:
                     self.state[param][key] = source[key].to(device=param.device, dtype=torch.float32, copy=True)
+
+
+def _active_part(grad: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The fp32 gradient at ``indices`` (sorted flat), from a dense or a sparse COO gradient.
+
+    A coalesced sparse gradient whose entries are exactly ``indices`` (what an
+    active-entry backward produces) is read without densifying; any other sparse
+    gradient is densified first.
+    """
+    if not grad.is_sparse:
+        return grad.reshape(-1).index_select(0, indices).float()
+    if grad.is_coalesced() and grad._nnz() == indices.numel():
+        strides = torch.tensor(_strides(grad.shape), device=indices.device)
+        flat = (grad._indices() * strides.unsqueeze(1)).sum(dim=0)
+        if torch.equal(flat, indices):
+            return grad._values().float()
+    return grad.to_dense().reshape(-1).index_select(0, indices).float()
+
+
+def _strides(shape: torch.Size) -> list[int]:
+    """Row-major strides of a contiguous tensor of ``shape``."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return strides[::-1]
+
+
+def _release(param: torch.Tensor, handle: RemovableHandle) -> None:
+    """Remove a gather hook and forget it in the per-parameter table if it is the current one."""
+    handle.remove()
+    if _GATHER_HOOKS.get(id(param), (None, None))[1] is handle:
+        del _GATHER_HOOKS[id(param)]
 
 
 def _gather_hook(optimizer: weakref.ref, name: str) -> Callable[[torch.Tensor], None]:

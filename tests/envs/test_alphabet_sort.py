@@ -301,3 +301,13 @@ def test_shipped_name_list():
     assert load_names(NAMES_FILE) == names  # already clean: no spaces, blanks or repeats
     for tricky in ("Jean-PierreSerre", "J.R.R.Tolkien", "LudwigvanBeethoven", "JohnvonNeumann", "danahboyd"):
         assert tricky in names
+
+
+def test_format_bonus_adds_to_the_reward_per_tagged_turn_and_defaults_to_the_original():
+    plain = AlphabetSort(min_turns=2, max_turns=2, power=1.0)
+    bonus = AlphabetSort(min_turns=2, max_turns=2, power=1.0, format_bonus=0.2)
+    episode = plain.episode(0, 0)
+    replies = [plain.reference(episode)[0], "no tags at all"]
+    base = plain.score(episode, replies)
+    assert base["reward"] == 0.5 and base["format"] == 0.5
+    assert bonus.score(episode, replies)["reward"] == 0.5 + 0.2 * 0.5

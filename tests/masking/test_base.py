@@ -242,3 +242,35 @@ def test_static_strategies_have_no_update(tiny_lm):
     masks = strategy.compute(tiny_lm, None)
     with pytest.raises(NotImplementedError, match="not a dynamic strategy"):
         strategy.update(masks, tiny_lm, 1, None)
+
+
+def test_sequences_without_target_tokens_are_skipped(tiny_lm_untied):
+    ids = torch.randint(3, 64, (2, 5), generator=torch.Generator().manual_seed(4))
+    labels = ids.clone()
+    labels[1] = -100  # the second sequence has no target token: its mean loss would be NaN
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    strategy = ScoreByWeight(include=["lm_head.weight"])
+    fisher = strategy.squared_grads(tiny_lm_untied, [batch], per_sample=True)["lm_head.weight"]
+    first = strategy.squared_grads(tiny_lm_untied, [{k: v[:1] for k, v in batch.items()}])["lm_head.weight"]
+    assert torch.isfinite(fisher).all() and torch.allclose(fisher, first)
+    with pytest.raises(ValueError, match="target tokens"):
+        strategy.squared_grads(tiny_lm_untied, [{k: v[1:] for k, v in batch.items()}])
+
+
+def test_accumulate_during_sparse_training_leaves_the_optimizer_alone(tiny_lm_untied):
+    from mthlib.masking import SparseAdamW
+
+    model = tiny_lm_untied
+    ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(2))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    model(**batch).loss.backward()
+    expected = model.lm_head.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    masks = Masks({"lm_head.weight": torch.tensor([0, 7])}, {"lm_head.weight": (64, 32)})
+    optimizer = SparseAdamW(model, masks)
+    grads = ScoreByWeight(include=["lm_head.weight"]).accumulate(model, [batch], lambda w, g: g)
+    assert torch.allclose(grads["lm_head.weight"], expected, atol=1e-6)
+    assert not optimizer.sparse_grads
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["lm_head.weight"]
+    model(**batch).loss.backward()
+    assert torch.allclose(optimizer.sparse_grads["lm_head.weight"], expected.view(-1)[[0, 7]], atol=1e-6)

@@ -245,3 +245,64 @@ def test_bad_masks_and_hyper_parameters(tiny_lm):
         SparseAdamW(tiny_lm, Masks({}, {"model.norm.weight": (32,)}))
     with pytest.raises(ValueError, match="betas"):
         SparseAdamW(tiny_lm, random_masks(tiny_lm), betas=(0.9, 1.0))
+
+
+def test_methods_called_through_lightnings_wrapper_reach_the_optimizer(tiny_lm):
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    masks = random_masks(tiny_lm)
+    optimizer = SparseAdamW(tiny_lm, masks, **HYPER)
+    wrapper = LightningOptimizer(optimizer)
+    tiny_lm(**batch(0)).loss.backward()
+    wrapper.clip_grad_norm_(0.1)
+    assert torch.linalg.vector_norm(torch.cat(list(optimizer._grads.values()))) == pytest.approx(0.1, rel=1e-4)
+    optimizer.step()
+    wrapper.zero_grad()
+    assert not optimizer._grads  # cleared on the optimizer, not on the wrapper
+    smaller = Masks({n: masks[n][:1] for n in masks}, masks.shapes)
+    wrapper.set_masks(smaller)
+    assert optimizer.masks is smaller and wrapper.masks is smaller
+    assert "_grads" not in vars(wrapper) and "masks" not in vars(wrapper)
+    del wrapper
+    tiny_lm(**batch(1)).loss.backward()
+    assert sorted(optimizer.sparse_grads) == sorted(masks.names)  # hooks set via the wrapper feed the optimizer
+
+
+class _ActiveOnly(torch.autograd.Function):
+    """y = x @ W.T whose weight gradient is a coalesced sparse tensor at given flat entries (mask order)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, flat):
+        ctx.save_for_backward(x, flat)
+        ctx.shape = weight.shape
+        return x @ weight.T
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, flat = ctx.saved_tensors
+        rows, cols = flat // ctx.shape[1], flat % ctx.shape[1]
+        values = (grad_out[:, rows] * x[:, cols]).sum(dim=0)
+        sparse = torch.sparse_coo_tensor(
+            torch.stack([rows, cols]), values, ctx.shape, is_coalesced=True, check_invariants=True
+        )
+        return None, sparse, None
+
+
+def test_sparse_gradients_are_read_directly_or_densified():
+    weight = torch.nn.Parameter(torch.randn(4, 5, generator=torch.Generator().manual_seed(0)))
+    model = torch.nn.Module()
+    model.weight = weight
+    flat = torch.tensor([1, 7, 18])
+    optimizer = SparseAdamW(model, Masks({"weight": flat}, {"weight": (4, 5)}))
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
+    _ActiveOnly.apply(x, weight, flat).sum().backward()
+    dense = (torch.ones(3, 4).T @ x).view(-1)[flat]
+    assert torch.allclose(optimizer.sparse_grads["weight"], dense)
+    optimizer.zero_grad()
+    embedding = torch.nn.Embedding(6, 3, sparse=True)
+    holder = torch.nn.Module()
+    holder.embedding = embedding
+    opt = SparseAdamW(holder, Masks({"embedding.weight": torch.tensor([0, 4, 5])}, {"embedding.weight": (6, 3)}))
+    embedding(torch.tensor([1, 1, 0])).sum().backward()  # uncoalesced sparse gradient: rows 1, 1, 0
+    assert opt.sparse_grads["embedding.weight"].tolist() == [1.0, 2.0, 2.0]
+    assert weight.grad is None and embedding.weight.grad is None
