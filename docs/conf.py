@@ -35,7 +35,6 @@ napoleon_numpy_docstring = False
 autodoc_typehints = "description"
 autodoc_typehints_description_target = "documented_params"
 autodoc_member_order = "bysource"
-autodoc_class_signature = "separated"
 autodoc_default_options = {"members": True, "show-inheritance": True}
 # Hooks that mthlib overrides without a docstring would otherwise show Lightning's and
 # torch's docstrings, which are not about mthlib and do not build cleanly.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -15,10 +14,11 @@ from mthlib.envs.base import Environment, Episode
 
 
 class EpisodeStream(IterableDataset):
-    """Episodes ``start, start+1, ...`` of an environment's stream ``seed``, endless and resumable.
+    """Episodes ``position, position+1, ...`` of an environment's stream ``seed``, endless.
 
-    Its position is saved in checkpoints (``state_dict``), so a resumed run continues with
-    the prompts an uninterrupted run would have seen.
+    Episode ``i`` depends only on ``(seed, i)``. On resume the module sets ``position`` to
+    the number of prompts it had trained on (the loader prefetches, so the stream's own
+    counter runs ahead), and the run continues with the prompts it would have seen.
     """
 
     def __init__(self, env: Environment, seed: int) -> None:
@@ -32,11 +32,6 @@ class EpisodeStream(IterableDataset):
             self.position += 1
             yield episode
 
-    def state_dict(self) -> dict[str, int]:
-        return {"position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.position = int(state["position"])
 
 
 def _as_list(batch: list[Episode]) -> list[Episode]:
@@ -90,12 +85,6 @@ class PromptDataModule(pl.LightningDataModule):
     def transfer_batch_to_device(self, batch: list[Episode], device: torch.device, dataloader_idx: int) -> list[Episode]:
         """Batches are episodes (plain Python objects): nothing to move."""
         return batch
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"train_stream": self.train_stream.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.train_stream.load_state_dict(state["train_stream"])
 
     def calibration_batches(
         self, tokenizer: PreTrainedTokenizerBase, num_samples: int, batch_size: int, seed: int

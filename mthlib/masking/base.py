@@ -158,7 +158,13 @@ class MaskStrategy(abc.ABC):
         """
 
     def update(
-        self, masks: Masks, model: nn.Module, step: int, grads: Mapping[str, torch.Tensor] | None
+        self,
+        masks: Masks,
+        model: nn.Module,
+        step: int,
+        grads: Mapping[str, torch.Tensor] | None,
+        base_values: Mapping[str, torch.Tensor],
+        batches: Iterable[Batch] | None,
     ) -> Masks:
         """Re-choose the mask during training (dynamic strategies only); the count must stay the same.
 
@@ -168,6 +174,10 @@ class MaskStrategy(abc.ABC):
             step: The global optimizer step.
             grads: Name to the gradient of the last step at the active entries (fp32,
                 aligned with ``masks[name]``), when the optimizer keeps them.
+            base_values: Name to the base model's values at the active entries (aligned
+                with ``masks[name]``), so a strategy can measure how far entries moved.
+            batches: Fresh calibration batches when :attr:`needs_calibration`, else ``None``
+                (e.g. to compute dense gradients with :meth:`accumulate`).
         """
         raise NotImplementedError(f"{type(self).__name__} is not a dynamic strategy; it has no update()")
 

@@ -120,24 +120,28 @@ class MaskCallback(Callback):
 
     def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = pl_module.model
-        batches = None
-        if self.strategy.needs_calibration:
-            make = getattr(trainer.datamodule, "calibration_batches", None)
-            if make is None:
-                raise RuntimeError(
-                    f"mask strategy {self.strategy.name!r} needs calibration batches: the data module must define "
-                    "calibration_batches(tokenizer, num_samples, batch_size, seed)"
-                )
-            batches = make(
-                getattr(pl_module, "tokenizer", None), num_samples=self.strategy.num_samples,
-                batch_size=self.calibration_batch_size, seed=self.strategy.seed,
-            )
+        batches = self._calibration(trainer, pl_module)
         masks = trainer.strategy.broadcast(self.strategy.compute(model, batches), src=0)
         self.masks = masks
         self.base_values = gather_values(model, masks)
         self.base_fingerprint = model_fingerprint(model, refresh=True)
         self.digests = dict(frozen_digests(model, masks, self.base_values))
         self.last_update_step = 0
+
+    def _calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        """Calibration batches from the data module when the strategy needs them, else ``None``."""
+        if not self.strategy.needs_calibration:
+            return None
+        make = getattr(trainer.datamodule, "calibration_batches", None)
+        if make is None:
+            raise RuntimeError(
+                f"mask strategy {self.strategy.name!r} needs calibration batches: the data module must define "
+                "calibration_batches(tokenizer, num_samples, batch_size, seed)"
+            )
+        return make(
+            getattr(pl_module, "tokenizer", None), num_samples=self.strategy.num_samples,
+            batch_size=self.calibration_batch_size, seed=self.strategy.seed,
+        )
 
     def _apply(self, pl_module: pl.LightningModule) -> None:
         model = pl_module.model
@@ -199,7 +203,10 @@ class MaskCallback(Callback):
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         optimizer = next(opt for opt in trainer.optimizers if isinstance(opt, SparseAdamW))
         old = self.masks
-        new = self.strategy.update(old, pl_module.model, step, optimizer.sparse_grads or None)
+        new = self.strategy.update(
+            old, pl_module.model, step, optimizer.sparse_grads or None, self.base_values,
+            self._calibration(trainer, pl_module),
+        )
         if new.shapes != old.shapes or new.total != old.total:
             raise RuntimeError(
                 f"{self.strategy.name}.update must keep the parameters and the count: {old.total} active entries "

@@ -36,7 +36,7 @@ class _ActiveEntryLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205 - autograd signature
         x, weight = ctx.saved_tensors
-        grad_x = grad_out @ weight if ctx.needs_input_grad[0] else None
+        grad_x = grad_out @ weight.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
         grad_w = grad_b = None
         if ctx.needs_input_grad[1]:

@@ -241,7 +241,7 @@ def test_static_strategies_have_no_update(tiny_lm):
     strategy = ScoreByWeight()
     masks = strategy.compute(tiny_lm, None)
     with pytest.raises(NotImplementedError, match="not a dynamic strategy"):
-        strategy.update(masks, tiny_lm, 1, None)
+        strategy.update(masks, tiny_lm, 1, None, {}, None)
 
 
 def test_sequences_without_target_tokens_are_skipped(tiny_lm_untied):

@@ -45,7 +45,7 @@ class Reshuffle(MaskStrategy):
     def compute(self, model, batches):
         return self.top_k({n: p.detach().abs() for n, p in self.eligible(model).items()})
 
-    def update(self, masks, model, step, grads):
+    def update(self, masks, model, step, grads, base_values, batches):
         self.grads_seen.append(grads is not None and set(grads) == {n for n in masks if masks.count(n)})
         gen = torch.Generator().manual_seed(self.seed + step)
         indices = {}

@@ -1,0 +1,108 @@
+"""Time one variant's GRPO training step on a fixed rollout batch (no generation), in its own process.
+
+Prints one JSON line: seconds per step (mean of the timed steps), trainable entries,
+optimizer-state bytes, peak RSS. ``bench/masking.py`` runs it once per variant so
+every peak RSS is that variant's own.
+
+    python bench/train_step.py --mask random --sparsity 0.99
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import torch
+
+from mthlib.data import PromptDataModule
+from mthlib.envs import AlphabetSort
+from mthlib.grpo.loss import Normalizer, aggregate_loss, clipped_surrogate
+from mthlib.grpo.rollout import token_logprobs
+from mthlib.masking import SparseAdamW, build_mask
+from mthlib.models import load_model
+
+QUICKSTART_ENV = AlphabetSort(power=1, min_turns=1, max_turns=1, min_names_per_turn=2, max_names_per_turn=3)
+
+
+def synthetic_rollout(tokenizer, prompts: int, generations: int, completion: int, seed: int = 0):
+    """Real quickstart prompts followed by ``completion`` random tokens each (loss on those)."""
+    data = PromptDataModule(env=QUICKSTART_ENV)
+    rows = []
+    for episode in QUICKSTART_ENV.episodes(seed, prompts):
+        text = tokenizer.apply_chat_template(episode.messages(), tokenize=False, add_generation_prompt=True)
+        rows += [tokenizer(text, add_special_tokens=False)["input_ids"]] * generations
+    del data
+    width = max(len(r) for r in rows) + completion
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    attention = torch.zeros_like(ids)
+    loss_mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        n = len(row)
+        ids[i, :n] = torch.tensor(row)
+        ids[i, n:n + completion] = torch.randint(100, 20000, (completion,), generator=gen)
+        attention[i, :n + completion] = 1
+        loss_mask[i, n:n + completion] = 1
+    return ids, attention, loss_mask
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mask", default="dense", help="registered strategy name, or 'dense'")
+    parser.add_argument("--sparsity", type=float, default=0.99)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--generations", type=int, default=8)
+    parser.add_argument("--completion", type=int, default=48)
+    parser.add_argument("--calibration", type=int, default=16, help="calibration sequences for gradient-based masks")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model, tokenizer = load_model()
+    ids, attention, loss_mask = synthetic_rollout(tokenizer, args.prompts, args.generations, args.completion)
+    mask_seconds = 0.0
+    if args.mask == "dense":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+        trainable = sum(p.numel() for p in model.parameters())
+    else:
+        strategy = build_mask(args.mask, sparsity=args.sparsity)
+        batches = None
+        if strategy.needs_calibration:
+            data = PromptDataModule(env=QUICKSTART_ENV)
+            batches = list(data.calibration_batches(tokenizer, args.calibration, 8, seed=0))
+        start = time.perf_counter()
+        masks = strategy.compute(model, batches)
+        mask_seconds = time.perf_counter() - start
+        optimizer = SparseAdamW(model, masks, lr=1e-6, weight_decay=0.0)
+        trainable = masks.total
+    advantages = torch.randn(ids.shape[0])
+    norm = Normalizer(ids.shape[0], int(loss_mask.sum()), args.completion)
+    model.train()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        logps, _ = token_logprobs(model, ids, attention, loss_mask)
+        loss, _ = clipped_surrogate(logps, logps.detach(), advantages, 0.2, 0.2)
+        aggregate_loss(loss, loss_mask, "dapo", norm).backward()
+        if isinstance(optimizer, SparseAdamW):
+            optimizer.clip_grad_norm_(1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                if isinstance(t, torch.Tensor))
+    print(json.dumps({
+        "variant": args.mask if args.mask == "dense" else f"{args.mask} {args.sparsity:g}",
+        "step_s": sum(times[1:]) / max(len(times) - 1, 1),
+        "mask_s": mask_seconds,
+        "trainable": trainable,
+        "optimizer_bytes": state,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Masked runs: sparse deltas during fit, checkpoints without dense weights, bitwise resume."""
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from mthlib.data import PromptDataModule
+from mthlib.deltas import load_delta
+from mthlib.grpo import GRPOModule
+from mthlib.masking import build_mask
+from tests.conftest import make_tiny_chat_lm
+from tests.grpo.toy import LetterA
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    model, tokenizer = make_tiny_chat_lm(seed=5)
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    return str(tmp_path / "tiny")
+
+
+class Rewards(pl.Callback):
+    def __init__(self):
+        self.values = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.values.append(float(trainer.callback_metrics["reward"]))
+
+
+def fit(model_dir, root, steps, ckpt_path=None, every=2):
+    pl.seed_everything(0)
+    module = GRPOModule(
+        model_name_or_path=model_dir, mask=build_mask("random", sparsity=0.9, seed=1), learning_rate=1e-2,
+        weight_decay=0.1, num_generations=4, max_completion_length=6, micro_batch_size=3,
+        delta_every_n_steps=every, delta_keep_last=2,
+    )
+    data = PromptDataModule(env=LetterA("abcdefghij"), batch_size=2, eval_size=2)
+    rewards = Rewards()
+    trainer = pl.Trainer(
+        max_steps=steps, default_root_dir=root, logger=False, enable_progress_bar=False, limit_val_batches=0,
+        callbacks=[rewards, ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=every, save_last=True,
+                                            save_top_k=-1)],
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module, rewards.values
+
+
+def test_deltas_are_written_kept_last_k_and_last_resolves(tiny_model_dir, tmp_path):
+    module, _ = fit(tiny_model_dir, tmp_path, steps=6)
+    folder = tmp_path / "deltas"
+    steps = sorted(p.name for p in folder.glob("step=*.safetensors"))
+    assert steps == ["step=000004.safetensors", "step=000006.safetensors"]  # keep_last=2
+    last = load_delta(folder / "last.safetensors")
+    assert last.metadata["step"] == "6"
+    params = dict(module.model.named_parameters())
+    for name, idx in last.indices.items():
+        assert torch.equal(last.values[name], params[name].detach().reshape(-1)[idx.long()])
+
+
+def test_checkpoint_holds_no_dense_weights(tiny_model_dir, tmp_path):
+    fit(tiny_model_dir, tmp_path, steps=2)
+    checkpoint = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert checkpoint["state_dict"] == {}
+    dense = sum(p.numel() for p in make_tiny_chat_lm(seed=5)[0].parameters())
+    stored = sum(v.numel() for v in checkpoint["mthlib"]["trained_values"].values())
+    assert 0 < stored <= 0.11 * dense  # 10% of the entries train at sparsity 0.9
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    straight, straight_rewards = fit(tiny_model_dir, tmp_path / "a", steps=4)
+    fit(tiny_model_dir, tmp_path / "b", steps=2)
+    resumed, resumed_rewards = fit(tiny_model_dir, tmp_path / "b", steps=4, ckpt_path=tmp_path / "b" / "ckpt" / "last.ckpt")
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
+    assert resumed_rewards == straight_rewards[2:]
+    a = load_delta(tmp_path / "a" / "deltas" / "last.safetensors")
+    b = load_delta(tmp_path / "b" / "deltas" / "last.safetensors")
+    assert all(torch.equal(a.values[n], b.values[n]) for n in a.values)
+
+
+def test_resume_onto_another_base_is_refused(tiny_model_dir, tmp_path):
+    fit(tiny_model_dir, tmp_path, steps=2)
+    other, tokenizer = make_tiny_chat_lm(seed=6)
+    other.save_pretrained(tmp_path / "other")
+    tokenizer.save_pretrained(tmp_path / "other")
+    with pytest.raises(Exception, match="fingerprint"):
+        fit(str(tmp_path / "other"), tmp_path, steps=4, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
