@@ -10,6 +10,9 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
+
+import yaml
 
 from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -17,7 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from mthlib.data import PromptDataModule
 from mthlib.grpo import GRPOModule
-from mthlib.masking import load_short_names
+from mthlib.masking import get_mask_class, load_short_names
 
 TOOL_GROUPS = ("masks", "analyze", "export")
 
@@ -48,6 +51,16 @@ class MthCLI(LightningCLI):
             auto_configure_optimizers=False,
         )
 
+    def parse_arguments(self, parser, args) -> None:
+        """Check short mask names first, so an unknown one fails with the list of registered strategies."""
+        words = sys.argv[1:] if args is None else list(args)
+        try:
+            for name in _mask_names(words):
+                get_mask_class(name)
+        except ValueError as err:
+            sys.exit(f"mth: error: {err}")
+        super().parse_arguments(parser, args)
+
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; a bad model path or value is one error line, not a traceback."""
         try:
@@ -60,6 +73,24 @@ class MthCLI(LightningCLI):
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 50})
 
 
+def _mask_names(words: list[str]) -> list[str]:
+    """Short mask names given on the command line (``--model.mask NAME``) or in ``--config`` files."""
+    names = []
+    for i, word in enumerate(words):
+        value = None
+        if word in ("--model.mask", "--model.mask.class_path") and i + 1 < len(words):
+            value = words[i + 1]
+        elif word.startswith(("--model.mask=", "--model.mask.class_path=")):
+            value = word.split("=", 1)[1]
+        elif word == "--config" and i + 1 < len(words) and Path(words[i + 1]).is_file():
+            mask = (yaml.safe_load(Path(words[i + 1]).read_text()) or {}).get("model", {}) or {}
+            mask = mask.get("mask") if isinstance(mask, dict) else None
+            value = mask.get("class_path") if isinstance(mask, dict) else mask
+        if isinstance(value, str) and "." not in value and value.lower() not in ("null", "none", "{", ""):
+            names.append(value)
+    return names
+
+
 def _tool_parser() -> ArgumentParser:
     from mthlib import tools
 
@@ -69,13 +100,15 @@ def _tool_parser() -> ArgumentParser:
         group_parser = ArgumentParser(description=tools.DESCRIPTIONS[group])
         if callable(functions):
             group_parser.add_function_arguments(functions)
-        else:
-            commands = group_parser.add_subcommands(dest="command")
-            for name, function in functions.items():
-                command_parser = ArgumentParser(description=(function.__doc__ or "").splitlines()[0])
-                command_parser.add_function_arguments(function)
-                commands.add_subcommand(name, command_parser, help=(function.__doc__ or "").splitlines()[0])
+            groups.add_subcommand(group, group_parser, help=tools.DESCRIPTIONS[group])
+            continue
         groups.add_subcommand(group, group_parser, help=tools.DESCRIPTIONS[group])
+        commands = group_parser.add_subcommands(dest="command")
+        for name, function in functions.items():
+            summary = (function.__doc__ or "").splitlines()[0]
+            command_parser = ArgumentParser(description=summary)
+            command_parser.add_function_arguments(function)
+            commands.add_subcommand(name, command_parser, help=summary)
     return parser
 
 

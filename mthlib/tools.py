@@ -23,22 +23,25 @@ def masks_list() -> None:
         print(f"{name:<{width}}  {summary}")
 
 
-def masks_build(config: list[str], out: str) -> None:
+def masks_build(config: str, out: str) -> None:
     """Compute the mask a fit config would train, without training, and save it.
 
     Args:
-        config: One or more ``mth fit`` YAML configs (later ones win), e.g. ``configs/fisher99.yaml``.
+        config: An ``mth fit`` YAML config, e.g. ``configs/fisher99.yaml``.
         out: The ``.safetensors`` file to write (atomically).
     """
     from mthlib.cli import MthCLI
-    from mthlib.masking import compute_masks
 
-    args = [arg for path in config for arg in ("--config", path)]
-    cli = MthCLI(args=args, run=False)
-    strategy = cli.model.mask_strategy
+    cli = MthCLI(args=["--config", config], run=False)
+    module, strategy = cli.model, cli.model.mask_strategy
     if strategy is None:
         raise ValueError("the config sets no mask (model.mask); nothing to build")
-    masks = compute_masks(strategy, cli.model.model, cli.model.tokenizer, cli.datamodule)
+    batches = None
+    if strategy.needs_calibration:
+        batches = cli.datamodule.calibration_batches(
+            module.tokenizer, num_samples=strategy.num_samples, batch_size=8, seed=strategy.seed
+        )
+    masks = strategy.compute(module.model, batches)
     masks.save(out, metadata={"strategy": json.dumps(strategy.config())})
     print(f"{strategy.name}: {masks.total:,} trainable entries of {masks.numel:,} "
           f"(density {masks.density:.4%}) in {len(masks)} tensors -> {out}")

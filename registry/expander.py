@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -10,136 +12,220 @@ from torch import nn
 
 from mthlib.masking import Batch, Masks, MaskStrategy, register_mask
 
-REPAIR_ROUNDS = 200
+REPAIR_ROUNDS = 1000
+"""Rounds of degree-preserving swaps before giving up on a graph without repeated or forbidden edges."""
 
 
 @register_mask("expander")
 class Expander(MaskStrategy):
-    """A sparse random expander graph's bi-adjacency matrix as the mask, shared by every layer.
+    """The bi-adjacency matrix of a random regular bipartite expander, the same for every layer.
 
-    Source: "Exploring the DLTH in finetuning through specialised sparsification" (seed 004):
-    the mask of an ``out x in`` weight is the bi-adjacency matrix of a bipartite expander
-    (rows and columns as the two sides), the same mask for every layer and for q, k, v;
-    at 99% sparsity it beats a random mask, and two expanders sharing < 10% of their edges
-    carry two tasks trained one after the other.
+    Source: R S, Mitra, Biswas, Basu, "Exploring the DLTH in finetuning through
+    specialised sparsification" (expander masks; workshop paper, 2025; no arXiv id
+    given in the seed): the mask of a weight matrix is the bi-adjacency matrix of a
+    bipartite expander (outputs and inputs as the two sides), the same for every layer
+    and for q, k, v; at 99% sparsity it beats random masks, and two expanders sharing
+    < 10% of their edges carry two tasks trained one after the other. Random regular
+    bipartite graphs are near-Ramanujan expanders with high probability (Brito, Dumitriu,
+    Harris, arXiv:1804.07808).
 
-    Selection rule: for every distinct matrix shape ``(out, in)`` a random graph in which every
-    row has exactly ``d = max(1, round((1 - sparsity) * in))`` entries and every column has
-    ``floor(out * d / in)`` or one more (exactly ``out * d / in`` when it divides), built as a
-    random configuration (a union of random matchings) whose repeated edges are repaired by
-    degree-preserving swaps. Count per tensor: ``out * d``, which can differ slightly from
-    ``int(numel * (1 - sparsity))`` because degrees are whole numbers (at 99.9% sparsity and
-    ``in = 576``, ``d = 1``: density 0.17%). The pattern depends only on ``(seed, shape)``, so
-    every layer, and q/k/v or gate/up of equal shape, share it. With ``exclude_mask`` the edges
-    of the given masks (over all tensors of the shape) are swapped away too: the two masks share
-    no edge when the repair succeeds, and :attr:`report` gives the shared fraction otherwise.
-    Cost: one graph per shape; no calibration. After :meth:`compute`, :attr:`report` maps each
-    shape to its degrees, its second-largest singular value and the Ramanujan bound
-    ``sqrt(d_row - 1) + sqrt(d_col - 1)`` (a graph is a good expander when the first is close
-    to or below the second; the largest singular value is ``sqrt(d_row * d_col)``).
+    Selection rule: a parameter is viewed as a matrix of ``out = shape[0]`` rows and
+    ``in = numel / out`` columns (a 1-D parameter as one row). For every distinct
+    ``(out, in)``, one random bipartite graph in which every row has exactly
+    ``d = max(1, round(keep * in))`` edges (``keep = round(1 - sparsity, 12)``, Python
+    rounding: half to even) and every column ``floor(out * d / in)`` or one more
+    (exactly ``out * d / in`` when that is whole): the configuration model, i.e. the
+    row stubs matched to the column stubs by one random permutation (for a square
+    matrix a union of ``d`` perfect matchings), whose repeated edges are then removed by
+    degree-preserving swaps. When ``d > in / 2`` (and nothing is forbidden) the sparser
+    complement is built instead. Count per tensor: ``out * d``, which differs from
+    ``keep_count(numel)`` by less than ``out / 2`` (at 99.9% sparsity and ``in = 576``,
+    ``d = 1``: density 0.17%). The pattern depends only on ``(seed, out, in)``, so every
+    layer, and q/k/v or gate/up of equal shape, share it; embeddings and the LM head
+    follow the same rule when eligible. No scores, no ties.
+
+    Sequential tasks: the entries of ``exclude_mask`` and of ``disjoint_from``, over all
+    eligible tensors of a shape, are forbidden edges, swapped away like repeated ones, so
+    the new pattern shares no edge with them (the paper asks for < 10%); a graph that
+    cannot avoid them within :data:`REPAIR_ROUNDS` rounds raises :class:`RuntimeError`.
+
+    After :meth:`compute`, :attr:`report` maps each shape ``"OUTxIN"`` to ``d_row``,
+    ``d_col`` (mean column degree), ``edges``, ``tensors`` and, with ``spectral_report``,
+    ``sigma1`` and ``sigma2`` (largest and second singular values of the bi-adjacency
+    matrix), ``ramanujan_bound`` ``sqrt(d_row - 1) + sqrt(d_col - 1)`` (``2 sqrt(d - 1)``
+    for a square matrix), ``sigma2_over_bound`` (about 1 or below: a good expander) and
+    ``spectral_gap`` ``sigma1 - sigma2``. Cost: no data and no gradients; one graph per
+    shape (NumPy, about linear in its edges); the spectrum costs a sparse product of the
+    bi-adjacency matrix with its transpose and a float64 eigendecomposition of a
+    ``min(out, in)`` square matrix per shape (about 10 s at 4096).
 
     Args:
-        sparsity: Fraction of entries that stay frozen in every matrix.
+        sparsity: Fraction of each eligible matrix's entries that stay frozen (approximately: see the count).
+        disjoint_from: Path of a :class:`~mthlib.masking.Masks` file (e.g. a first expander
+            mask) whose edges the new pattern avoids.
+        spectral_report: Compute the singular values for :attr:`report`.
         include: Name patterns of parameters that may be trained.
         exclude: Name patterns removed after ``include``.
-        include_embeddings: Let embeddings and the LM head be trained.
-        seed: Seed of the graphs.
-        exclude_mask: Masks file whose entries the graphs avoid (sequential tasks).
-        spectral_report: Compute singular values for :attr:`report` (an SVD per shape).
+        include_norms: Let layer-norm weights be trained (each a one-row pattern).
+        include_biases: Let biases be trained (each a one-row pattern).
+        include_embeddings: Let the input embeddings and the LM head be trained.
+        seed: Seed of the graphs (with the shape: :func:`numpy.random.default_rng` ``([seed, out, in])``).
+        exclude_mask: Path of a :class:`~mthlib.masking.Masks` file whose entries are never chosen.
     """
 
     def __init__(
         self,
         sparsity: float = 0.99,
+        disjoint_from: str | None = None,
+        spectral_report: bool = True,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
+        include_norms: bool = False,
+        include_biases: bool = False,
         include_embeddings: bool = True,
         seed: int = 0,
         exclude_mask: str | None = None,
-        spectral_report: bool = True,
     ) -> None:
-        super().__init__(
-            sparsity, allocation="per_tensor", include=include, exclude=exclude,
-            include_embeddings=include_embeddings, seed=seed, exclude_mask=exclude_mask,
-        )
+        super().__init__(sparsity, allocation="per_tensor", include=include, exclude=exclude,
+                         include_norms=include_norms, include_biases=include_biases,
+                         include_embeddings=include_embeddings, seed=seed, exclude_mask=exclude_mask)
+        self.disjoint_from = disjoint_from
         self.spectral_report = spectral_report
         self.report: dict[str, dict[str, float]] = {}
 
+    def row_degree(self, columns: int) -> int:
+        """Edges per row of a matrix with ``columns`` columns: ``max(1, round(keep * columns))``."""
+        return max(1, round(round(1.0 - self.sparsity, 12) * columns))
+
     def compute(self, model: nn.Module, batches: Iterable[Batch] | None) -> Masks:
-        eligible = {n: p for n, p in self.eligible(model).items() if p.ndim == 2}
-        excluded = self.exclusion()
+        """Build one pattern per shape and give it to every eligible tensor of that shape."""
+        params = self.eligible(model)
+        views = {name: _matrix_view(tuple(p.shape)) for name, p in params.items()}
+        avoid = [self.exclusion(), Masks.load(self.disjoint_from) if self.disjoint_from is not None else None]
+        avoid = [masks for masks in avoid if masks is not None]
         patterns: dict[tuple[int, int], torch.Tensor] = {}
         self.report = {}
-        for shape in dict.fromkeys(tuple(p.shape) for p in eligible.values()):
-            forbidden = _forbidden(excluded, eligible, shape)
-            pattern, shared = biregular_pattern(*shape, self.row_degree(shape[1]), self._rng(shape), forbidden)
-            patterns[shape] = pattern
-            self.report[f"{shape[0]}x{shape[1]}"] = self._describe(shape, pattern, shared)
-        return Masks({n: patterns[tuple(p.shape)] for n, p in eligible.items()},
-                     {n: tuple(p.shape) for n, p in eligible.items()})
+        for view in dict.fromkeys(views.values()):
+            rows, cols = view
+            names = [name for name, v in views.items() if v == view]
+            forbidden = _forbidden(avoid, names, params)
+            rng = np.random.default_rng([self.seed, rows, cols])
+            flat = biregular_edges(rows, cols, self.row_degree(cols), rng, forbidden)
+            patterns[view] = torch.from_numpy(flat)
+            self.report[f"{rows}x{cols}"] = self._describe(rows, cols, flat, len(names))
+        return Masks({name: patterns[view] for name, view in views.items()},
+                     {name: tuple(p.shape) for name, p in params.items()})
 
-    def row_degree(self, columns: int) -> int:
-        """Entries per row: ``max(1, round((1 - sparsity) * columns))``."""
-        return max(1, round((1 - self.sparsity) * columns))
-
-    def _rng(self, shape: tuple[int, int]) -> np.random.Generator:
-        return np.random.default_rng([self.seed, *shape])
-
-    def _describe(self, shape: tuple[int, int], pattern: torch.Tensor, shared: int) -> dict[str, float]:
-        out, inn = shape
-        d_row = pattern.numel() / out
-        d_col = pattern.numel() / inn
-        info = {"d_row": d_row, "d_col": d_col, "edges": float(pattern.numel()), "shared_with_excluded": float(shared)}
+    def _describe(self, rows: int, cols: int, flat: np.ndarray, tensors: int) -> dict[str, float]:
+        d_row, d_col = flat.size / rows, flat.size / cols
+        info = {"d_row": d_row, "d_col": d_col, "edges": float(flat.size), "tensors": float(tensors)}
         if self.spectral_report:
-            dense = torch.zeros(out * inn)
-            dense[pattern] = 1.0
-            values = torch.linalg.svdvals(dense.view(out, inn))
-            info["sigma1"] = float(values[0])
-            info["sigma2"] = float(values[1]) if values.numel() > 1 else 0.0
-            info["ramanujan_bound"] = float(np.sqrt(max(d_row - 1, 0)) + np.sqrt(max(d_col - 1, 0)))
+            sigma1, sigma2 = singular_values(rows, cols, flat)
+            bound = math.sqrt(max(d_row - 1.0, 0.0)) + math.sqrt(max(d_col - 1.0, 0.0))
+            info.update(sigma1=sigma1, sigma2=sigma2, ramanujan_bound=bound, spectral_gap=sigma1 - sigma2,
+                        sigma2_over_bound=sigma2 / bound if bound else math.inf)
         return info
 
 
-def _forbidden(excluded: Masks | None, eligible: dict[str, nn.Parameter], shape: tuple[int, int]) -> np.ndarray:
-    if excluded is None:
-        return np.empty(0, dtype=np.int64)
-    parts = [excluded[n].numpy() for n, p in eligible.items() if tuple(p.shape) == shape and n in excluded]
+def _matrix_view(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(rows, columns)`` a parameter is treated as: ``(shape[0], numel / shape[0])``, or one row for 1-D."""
+    if len(shape) < 2:
+        return 1, math.prod(shape)
+    return shape[0], math.prod(shape[1:])
+
+
+def _forbidden(avoid: list[Masks], names: list[str], params: dict[str, nn.Parameter]) -> np.ndarray:
+    """Sorted union of the entries the masks in ``avoid`` hold for any of ``names``."""
+    parts = []
+    for masks in avoid:
+        for name in names:
+            if name in masks and masks.count(name):
+                if masks.shape(name) != tuple(params[name].shape):
+                    raise ValueError(
+                        f"a mask to avoid has shape {masks.shape(name)} for {name}; the model has {tuple(params[name].shape)}"
+                    )
+                parts.append(masks[name].numpy())
     return np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
 
 
-def biregular_pattern(
-    rows: int, columns: int, row_degree: int, rng: np.random.Generator, forbidden: np.ndarray
-) -> tuple[torch.Tensor, int]:
-    """Sorted flat indices of a random bipartite graph with exact row degrees and balanced column degrees.
+def biregular_edges(rows: int, cols: int, degree: int, rng: np.random.Generator, forbidden: np.ndarray) -> np.ndarray:
+    """Sorted flat indices ``r * cols + c`` of a random simple bipartite graph.
 
-    Returns:
-        The indices, and how many of them are in ``forbidden`` (0 unless the repair gave up).
+    Every row has ``degree`` edges; column degrees differ by at most one. No edge is in
+    ``forbidden`` (sorted flat indices).
+
+    Raises:
+        ValueError: ``degree`` is not in ``[0, cols]``, or a row has fewer than ``degree`` allowed columns.
+        RuntimeError: The swaps did not remove every repeated or forbidden edge.
     """
-    if row_degree > columns:
-        raise ValueError(f"row degree {row_degree} exceeds the {columns} columns")
-    edges = rows * row_degree
-    row_of = np.repeat(np.arange(rows), row_degree)
-    base, extra = divmod(edges, columns)
-    column_degree = np.full(columns, base)
-    column_degree[rng.choice(columns, extra, replace=False)] += 1
-    col_of = rng.permutation(np.repeat(np.arange(columns), column_degree))
+    if not 0 <= degree <= cols:
+        raise ValueError(f"row degree {degree} is not in [0, {cols}] for a {rows}x{cols} matrix")
+    if not forbidden.size and degree > cols // 2:
+        complement = biregular_edges(rows, cols, cols - degree, rng, forbidden)
+        return np.setdiff1d(np.arange(rows * cols, dtype=np.int64), complement, assume_unique=True)
+    if forbidden.size:
+        allowed = cols - np.bincount(forbidden // cols, minlength=rows)
+        if int(allowed.min()) < degree:
+            row = int(allowed.argmin())
+            raise ValueError(f"row {row} of a {rows}x{cols} matrix has {int(allowed[row])} allowed columns; needs {degree}")
+    edges = rows * degree
+    row_of = np.tile(np.arange(rows, dtype=np.int64), degree)
+    column_degree = np.full(cols, edges // cols, dtype=np.int64)
+    column_degree[rng.permutation(cols)[: edges % cols]] += 1
+    col_of = rng.permutation(np.repeat(np.arange(cols, dtype=np.int64), column_degree))
     for _ in range(REPAIR_ROUNDS):
-        bad = _bad_edges(row_of * columns + col_of, forbidden)
+        keys = row_of * cols + col_of
+        bad = np.flatnonzero(_bad(keys, forbidden))
         if not bad.size:
-            break
-        for edge, partner in zip(bad.tolist(), rng.integers(0, edges, bad.size).tolist()):
-            col_of[edge], col_of[partner] = col_of[partner], col_of[edge]
-    flat = row_of * columns + col_of
-    unique = np.unique(flat)
-    if unique.size != edges:
-        raise RuntimeError(f"could not build a simple {rows}x{columns} graph of row degree {row_degree}")
-    return torch.from_numpy(unique).to(torch.int64), int(np.isin(unique, forbidden).sum())
+            return np.sort(keys)
+        present = np.sort(keys)
+        partner = rng.integers(0, edges, size=bad.size)
+        new_bad = row_of[bad] * cols + col_of[partner]
+        new_partner = row_of[partner] * cols + col_of[bad]
+        ok = (row_of[bad] != row_of[partner]) & (col_of[bad] != col_of[partner])
+        for new in (new_bad, new_partner):
+            ok &= ~_contains(present, new) & ~_contains(forbidden, new)
+        bad, partner = bad[ok], partner[ok]
+        uses = np.bincount(np.concatenate([bad, partner]), minlength=edges)
+        single = (uses[bad] == 1) & (uses[partner] == 1)
+        bad, partner = bad[single], partner[single]
+        col_of[bad], col_of[partner] = col_of[partner], col_of[bad].copy()
+    raise RuntimeError(
+        f"could not build a {rows}x{cols} pattern of row degree {degree} avoiding {forbidden.size} forbidden entries "
+        f"in {REPAIR_ROUNDS} rounds; lower the density or drop disjoint_from/exclude_mask"
+    )
 
 
-def _bad_edges(flat: np.ndarray, forbidden: np.ndarray) -> np.ndarray:
-    """Positions of repeated edges (all but the first copy) and of forbidden edges."""
-    order = np.argsort(flat, kind="stable")
-    ordered = flat[order]
-    repeated = order[1:][ordered[1:] == ordered[:-1]]
-    banned = np.flatnonzero(np.isin(flat, forbidden)) if forbidden.size else np.empty(0, dtype=np.int64)
-    return np.union1d(repeated, banned)
+def _bad(keys: np.ndarray, forbidden: np.ndarray) -> np.ndarray:
+    """Boolean per edge: a repeat of an earlier edge, or a forbidden one."""
+    bad = np.ones(keys.size, dtype=bool)
+    bad[np.unique(keys, return_index=True)[1]] = False
+    return bad | _contains(forbidden, keys)
+
+
+def _contains(sorted_values: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Boolean per query: whether it occurs in the sorted array ``sorted_values``."""
+    if not sorted_values.size:
+        return np.zeros(queries.size, dtype=bool)
+    position = np.searchsorted(sorted_values, queries).clip(max=sorted_values.size - 1)
+    return sorted_values[position] == queries
+
+
+def singular_values(rows: int, cols: int, flat: np.ndarray) -> tuple[float, float]:
+    """Largest and second singular values of the ``rows x cols`` 0/1 matrix with ones at ``flat``.
+
+    Square roots of the two largest eigenvalues of the Gram matrix over the smaller
+    side (a sparse product, then a dense float64 eigendecomposition).
+    """
+    r, c = flat // cols, flat % cols
+    if rows > cols:
+        r, c, rows, cols = c, r, cols, rows
+    adjacency = torch.sparse_coo_tensor(
+        torch.from_numpy(np.stack([r, c])), torch.ones(flat.size, dtype=torch.float64), (rows, cols),
+        check_invariants=False,
+    ).coalesce()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        gram = torch.sparse.mm(adjacency, adjacency.t()).to_dense()
+    values = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt()
+    return float(values[-1]), float(values[-2]) if rows > 1 else 0.0

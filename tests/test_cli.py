@@ -86,6 +86,34 @@ def test_invalid_config_fails_with_a_clear_message(tiny_config, tmp_path, overri
     assert not (tmp_path / "runs").exists()
 
 
+def test_unknown_mask_name_lists_the_registered_strategies(tiny_config, tmp_path):
+    result = run_mth("fit", "--config", str(tiny_config), "--model.mask", "nope", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "unknown mask strategy 'nope'; registered:" in result.stderr and "fisher" in result.stderr
+
+
+def test_sparsity_outside_the_unit_interval_is_one_error_line(tiny_config, tmp_path):
+    result = run_mth("fit", "--config", str(tiny_config), "--model.mask", "random", "--model.mask.sparsity", "1.5",
+                     cwd=tmp_path)
+    assert result.returncode != 0
+    assert "sparsity must be in [0, 1) (fraction of entries that stay frozen); got 1.5" in result.stderr
+
+
+def test_masks_list_and_build(tiny_config, tmp_path):
+    listed = run_mth("masks", "list", cwd=tmp_path)
+    assert listed.returncode == 0
+    names = [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
+    assert {"random", "fisher", "snip", "magnitude", "expander", "rigl", "diff"} <= set(names)
+    config = tmp_path / "masked.yaml"
+    config.write_text(tiny_config.read_text().replace("model:\n", "model:\n  mask: {class_path: fisher, init_args: {sparsity: 0.9, num_samples: 4}}\n"))
+    built = run_mth("masks", "build", "--config", str(config), "--out", str(tmp_path / "m.safetensors"), cwd=tmp_path)
+    assert built.returncode == 0, built.stderr
+    from mthlib.masking import Masks
+
+    masks = Masks.load(tmp_path / "m.safetensors")
+    assert 0.09 < masks.density < 0.11
+
+
 def test_missing_model_path_fails_with_one_line(tiny_config, tmp_path):
     result = run_mth("fit", "--config", str(tiny_config), f"--model.model_name_or_path={tmp_path}/nope", cwd=tmp_path)
     assert result.returncode != 0
