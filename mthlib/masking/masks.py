@@ -23,6 +23,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from mthlib.deltas import FORMAT as DELTA_FORMAT
+from mthlib.deltas import load_delta
 from mthlib.utils import atomic_path
 
 FORMAT = "mthlib.masks"
@@ -238,15 +240,24 @@ class Masks:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Masks:
-        """Read masks written by :meth:`save`; the file's extra metadata lands in :attr:`metadata`.
+        """Read masks written by :meth:`save`, or the trained entries of a sparse delta.
+
+        A sparse delta (:mod:`mthlib.deltas`) is accepted too, so a finished run's
+        ``deltas/last.safetensors`` can be the ``exclude_mask`` of the next task. The file's
+        extra metadata lands in :attr:`metadata`.
 
         Raises:
             FileNotFoundError: ``path`` does not exist.
-            ValueError: The file is not a safetensors file or not an mthlib mask file.
+            ValueError: The file is not a safetensors file or not an mthlib mask file or delta.
         """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"mask file not found: {path}")
+        if _format_of(path) == DELTA_FORMAT:
+            delta = load_delta(path)
+            masks = cls({n: i.to(torch.int64) for n, i in delta.indices.items()}, dict(delta.shapes))
+            masks.metadata = dict(delta.metadata)
+            return masks
         try:
             with safe_open(str(path), framework="pt") as handle:
                 header = handle.metadata() or {}
@@ -263,6 +274,14 @@ class Masks:
         masks = cls(indices, shapes)
         masks.metadata = {k: v for k, v in header.items() if k not in ("format", "version", "names")}
         return masks
+
+
+def _format_of(path: Path) -> str | None:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format")
+    except SafetensorError:
+        return None
 
 
 def locate(haystack: torch.Tensor, needles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
