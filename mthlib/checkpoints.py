@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 
 from mthlib.deltas import save_delta
 from mthlib.fingerprint import model_fingerprint
-from mthlib.utils import atomic_path
+from mthlib.utils import atomic_dir, atomic_path
 
 LAST = "last.safetensors"
 
@@ -76,3 +76,18 @@ class SparseDeltaCheckpoint(pl.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.saved = [p for p in state_dict.get("saved", []) if Path(p).exists()]
+
+
+class FinalModel(pl.Callback):
+    """Save the trained model as a Hugging Face folder, ``<run>/model``, when fit ends (dense runs).
+
+    A full fine-tune has no sparse delta; this folder is what ``mth analyze`` compares with the
+    base and what ``from_pretrained`` loads. It is written to a temporary folder and renamed.
+    """
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            with atomic_dir(Path(trainer.log_dir or trainer.default_root_dir) / "model") as tmp:
+                pl_module.model.save_pretrained(tmp)
+                pl_module.tokenizer.save_pretrained(tmp)
+        trainer.strategy.barrier()

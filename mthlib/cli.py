@@ -61,6 +61,17 @@ class MthCLI(LightningCLI):
             sys.exit(f"mth: error: {err}")
         super().parse_arguments(parser, args)
 
+    def _parse_ckpt_path(self) -> None:
+        """Resolve ``--ckpt_path last`` to the newest ``last.ckpt`` of this config's run folder.
+
+        The resumed run logs into a new version folder (nothing already saved is touched).
+        The configuration comes from the command line and YAML, not from the checkpoint's
+        hyperparameters; the mask callback refuses a checkpoint of another strategy or base.
+        """
+        subcommand = self.config.get("subcommand")
+        if subcommand and self.config[subcommand].get("ckpt_path") == "last":
+            self.config[subcommand]["ckpt_path"] = str(_last_checkpoint(self.config[subcommand]))
+
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; a bad model path or value is one error line, not a traceback."""
         try:
@@ -71,6 +82,17 @@ class MthCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 50})
+
+
+def _last_checkpoint(config) -> Path:
+    """The most recently written ``last.ckpt`` under the run's logger folder (``save_dir/name/*/checkpoints``)."""
+    logger = config["trainer"].get("logger")
+    init = (logger.get("init_args") if isinstance(logger, dict) else getattr(logger, "init_args", None)) or {}
+    folder = Path(init.get("save_dir") or "runs") / (init.get("name") or "lightning_logs")
+    found = sorted(folder.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        sys.exit(f"mth: error: --ckpt_path last: no {folder}/*/checkpoints/last.ckpt to resume from")
+    return found[-1]
 
 
 def _mask_names(words: list[str]) -> list[str]:
@@ -128,7 +150,7 @@ def _run_tool(argv: list[str]) -> None:
         arguments = config[group][command]
     try:
         function(**{k: v for k, v in vars(arguments).items() if not k.startswith("__")})
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         sys.exit(f"mth {group}: error: {err}")
 
 

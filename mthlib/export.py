@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from torch import nn
 
+from mthlib.utils import atomic_dir
 from mthlib.deltas import SparseDelta, apply_delta, load_delta, write_delta
 
 DELTA_FILENAME = "delta.safetensors"
@@ -60,7 +57,7 @@ def export_model(
     if format == "hf" and base_model is None:
         base_model, loaded_tokenizer = _load_base(base or loaded.base_model, _values_dtype(loaded))
         tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
-    with _staging_dir(target) as tmp:
+    with atomic_dir(target) as tmp:
         if format == "hf":
             apply_delta(base_model, loaded)
             base_model.save_pretrained(tmp)
@@ -84,29 +81,6 @@ def _load_base(name: str, dtype: str) -> tuple[nn.Module, Any]:
     from mthlib.models import load_model
 
     return load_model(name, dtype=dtype)
-
-
-@contextlib.contextmanager
-def _staging_dir(target: Path) -> Iterator[Path]:
-    """Yield a fresh folder beside ``target``; on success swap it into place."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield tmp
-        old: Path | None = None
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / target.name)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if old is not None:
-                os.replace(old / target.name, target)
-            raise
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def model_card(delta: SparseDelta, format: Literal["hf", "delta"]) -> str:

@@ -12,13 +12,13 @@ import contextlib
 import fcntl
 import importlib.util
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from mthlib.utils import atomic_dir
 
 EMBEDDED = "embedded"
 """The name that selects the embedded SmolLM2-135M-Instruct model."""
@@ -70,13 +70,8 @@ def embedded_model_dir() -> Path:
     with _file_lock(cache_dir() / f".{_EMBEDDED_DIRNAME}.lock"):
         if (target / "config.json").exists():
             return target
-        gguf = embedded_gguf_path()
-        staging = Path(tempfile.mkdtemp(prefix=f".{_EMBEDDED_DIRNAME}.", dir=cache_dir()))
-        try:
-            _convert_gguf(gguf, staging)
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        with atomic_dir(target) as staging:
+            _convert_gguf(embedded_gguf_path(), staging)
     return target
 
 

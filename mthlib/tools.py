@@ -48,7 +48,7 @@ def masks_build(config: str, out: str) -> None:
 
 
 def export(
-    delta: list[str],
+    delta: list[str] | str,
     out: str,
     base: str | None = None,
     format: Literal["hf", "delta"] = "hf",
@@ -69,7 +69,7 @@ def export(
     from mthlib.deltas import load_delta, merge_deltas
     from mthlib.export import export_model
 
-    deltas = [load_delta(path) for path in delta]
+    deltas = [load_delta(path) for path in ([delta] if isinstance(delta, str) else delta)]
     merged = deltas[0] if len(deltas) == 1 else merge_deltas(deltas, on_overlap=on_overlap)
     folder = export_model(merged, out, base=base, format=format, overwrite=overwrite)
     print(f"wrote {folder}")

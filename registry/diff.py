@@ -87,7 +87,9 @@ class Diff(MaskStrategy):
                 raise ValueError(f"{self.finetuned} has no parameter {name}; it has e.g. {sorted(available)[:3]}")
             base, other = param.detach().cpu(), tuned.get(name)
             if tuple(other.shape) != tuple(base.shape):
-                raise ValueError(f"{name} has shape {tuple(other.shape)} in {self.finetuned}, {tuple(base.shape)} in the base")
+                raise ValueError(
+                    f"{name} has shape {tuple(other.shape)} in {self.finetuned}, {tuple(base.shape)} in the base"
+                )
             idx = changed_indices(base, other, self.tolerance)
             if exclusion is not None and name in exclusion and idx.numel():
                 idx = idx[~torch.isin(idx, exclusion[name])]

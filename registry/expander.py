@@ -20,14 +20,15 @@ REPAIR_ROUNDS = 1000
 class Expander(MaskStrategy):
     """The bi-adjacency matrix of a random regular bipartite expander, the same for every layer.
 
-    Source: R S, Mitra, Biswas, Basu, "Exploring the DLTH in finetuning through
-    specialised sparsification" (expander masks; workshop paper, 2025; no arXiv id
-    given in the seed): the mask of a weight matrix is the bi-adjacency matrix of a
-    bipartite expander (outputs and inputs as the two sides), the same for every layer
-    and for q, k, v; at 99% sparsity it beats random masks, and two expanders sharing
-    < 10% of their edges carry two tasks trained one after the other. Random regular
-    bipartite graphs are near-Ramanujan expanders with high probability (Brito, Dumitriu,
-    Harris, arXiv:1804.07808).
+    Source: Sampreeth R S, Biswas, Mitra, Basu, "Exploring the dual lottery ticket
+    hypothesis in finetuning through specialised sparsification", ICLR 2025 Workshop on
+    Sparsity in LLMs (OpenReview uuU8h4UK4j; no arXiv id): the mask of a weight matrix
+    is the bi-adjacency matrix of a bipartite expander (outputs and inputs as the two
+    sides), the same for every layer and for q, k, v; at 99% sparsity it beats random
+    masks, and two expanders sharing < 10% of their edges carry two tasks trained one
+    after the other. Random biregular bipartite graphs are near-Ramanujan expanders with
+    high probability (Brito, Dumitriu, Harris, Combinatorics, Probability and Computing
+    2022, arXiv:1804.07808).
 
     Selection rule: a parameter is viewed as a matrix of ``out = shape[0]`` rows and
     ``in = numel / out`` columns (a 1-D parameter as one row). For every distinct
@@ -39,10 +40,11 @@ class Expander(MaskStrategy):
     matrix a union of ``d`` perfect matchings), whose repeated edges are then removed by
     degree-preserving swaps. When ``d > in / 2`` (and nothing is forbidden) the sparser
     complement is built instead. Count per tensor: ``out * d``, which differs from
-    ``keep_count(numel)`` by less than ``out / 2`` (at 99.9% sparsity and ``in = 576``,
-    ``d = 1``: density 0.17%). The pattern depends only on ``(seed, out, in)``, so every
-    layer, and q/k/v or gate/up of equal shape, share it; embeddings and the LM head
-    follow the same rule when eligible. No scores, no ties.
+    ``keep_count(numel)`` by at most ``out / 2 + 1``, except where ``keep * in < 0.5``
+    raises ``d`` to 1 (at 99.9% sparsity and ``in = 576``: density 0.17%). The pattern
+    depends only on ``(seed, out, in)``, so every layer, and q/k/v or gate/up of equal
+    shape, share it; embeddings and the LM head follow the same rule when eligible. No
+    scores, no ties.
 
     Sequential tasks: the entries of ``exclude_mask`` and of ``disjoint_from``, over all
     eligible tensors of a shape, are forbidden edges, swapped away like repeated ones, so
@@ -141,9 +143,8 @@ def _forbidden(avoid: list[Masks], names: list[str], params: dict[str, nn.Parame
         for name in names:
             if name in masks and masks.count(name):
                 if masks.shape(name) != tuple(params[name].shape):
-                    raise ValueError(
-                        f"a mask to avoid has shape {masks.shape(name)} for {name}; the model has {tuple(params[name].shape)}"
-                    )
+                    shape = tuple(params[name].shape)
+                    raise ValueError(f"a mask to avoid has shape {masks.shape(name)} for {name}; the model has {shape}")
                 parts.append(masks[name].numpy())
     return np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
 
@@ -167,7 +168,9 @@ def biregular_edges(rows: int, cols: int, degree: int, rng: np.random.Generator,
         allowed = cols - np.bincount(forbidden // cols, minlength=rows)
         if int(allowed.min()) < degree:
             row = int(allowed.argmin())
-            raise ValueError(f"row {row} of a {rows}x{cols} matrix has {int(allowed[row])} allowed columns; needs {degree}")
+            raise ValueError(
+                f"row {row} of a {rows}x{cols} matrix has {int(allowed[row])} allowed columns; needs {degree}"
+            )
     edges = rows * degree
     row_of = np.tile(np.arange(rows, dtype=np.int64), degree)
     column_degree = np.full(cols, edges // cols, dtype=np.int64)

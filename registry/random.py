@@ -31,8 +31,9 @@ class RandomMask(MaskStrategy):
     tensor eligible this is the blog's mask, entry for entry. A tensor holding entries
     of ``exclude_mask`` draws ``k`` of its remaining entries instead (``rng.choice``
     over them), which shifts the random stream for every later tensor.
-    No ties (no scores). Cost: no data, no gradients; one NumPy draw per tensor
-    (a full permutation of the tensor when more than 2% of it is kept).
+    No scores, so no ties. Cost: no data, no gradients; one NumPy draw per tensor
+    (NumPy builds an index array of the whole tensor when more than 2% of a tensor
+    above 10,000 entries is kept, else it draws only the ``k`` entries).
 
     Allocation is per tensor by nature: ``allocation`` accepts only ``"per_tensor"``
     and any other value raises :class:`ValueError`.
@@ -62,7 +63,9 @@ class RandomMask(MaskStrategy):
         exclude_mask: str | None = None,
     ) -> None:
         if allocation != "per_tensor":
-            raise ValueError(f"random masks are drawn tensor by tensor: allocation must be 'per_tensor'; got {allocation!r}")
+            raise ValueError(
+                f"random masks are drawn tensor by tensor: allocation must be 'per_tensor'; got {allocation!r}"
+            )
         super().__init__(sparsity, allocation=allocation, include=include, exclude=exclude,
                          include_norms=include_norms, include_biases=include_biases,
                          include_embeddings=include_embeddings, seed=seed, exclude_mask=exclude_mask)
@@ -98,7 +101,6 @@ class RandomMask(MaskStrategy):
         if exclusion is None or name not in eligible or name not in exclusion or not exclusion.count(name):
             return None
         if exclusion.shape(name) != tuple(eligible[name].shape):
-            raise ValueError(
-                f"exclude_mask has shape {exclusion.shape(name)} for {name}; the model has {tuple(eligible[name].shape)}"
-            )
+            shape = tuple(eligible[name].shape)
+            raise ValueError(f"exclude_mask has shape {exclusion.shape(name)} for {name}; the model has {shape}")
         return exclusion[name].numpy()

@@ -86,9 +86,8 @@ class RigL(MaskStrategy):
         if not 0.0 <= drop_fraction <= 1.0:
             raise ValueError(f"drop_fraction must be in [0, 1]; got {drop_fraction}")
         if update_every < 1 or total_steps < 1 or num_samples < 1:
-            raise ValueError(
-                f"update_every, total_steps and num_samples must be >= 1; got {update_every}, {total_steps}, {num_samples}"
-            )
+            got = f"{update_every}, {total_steps}, {num_samples}"
+            raise ValueError(f"update_every, total_steps and num_samples must be >= 1; got {got}")
         if init not in ("random", "magnitude"):
             raise ValueError(f"init must be 'random' or 'magnitude'; got {init!r}")
         super().__init__(sparsity, allocation=allocation, include=include, exclude=exclude,
@@ -152,12 +151,13 @@ class RigL(MaskStrategy):
         if self.fraction_at(step) == 0.0:
             return masks
         names = list(masks.names)
+        active = {name: masks[name].to(params[name].device) for name in names}
         change = {
-            name: (params[name].detach().reshape(-1).index_select(0, masks[name].to(params[name].device)).float()
-                   - base_values[name].to(params[name].device).float()).abs().cpu()
+            name: (params[name].detach().reshape(-1).index_select(0, active[name]).float()
+                   - base_values[name].to(params[name].device).float()).abs()
             for name in names
         }
-        growth = self._growth_scores(masks, model, batches)
+        growth = self._growth_scores(active, model, batches)
         groups = [names] if self.allocation == "global" else [[name] for name in names]
         indices = {}
         for group in groups:
@@ -166,21 +166,23 @@ class RigL(MaskStrategy):
             dropped = _largest([-change[n] for n in group], count)
             grown = _largest([growth[n] for n in group], count)
             for name, drop, grow in zip(group, dropped, grown):
-                keep = torch.ones(masks.count(name), dtype=torch.bool)
+                keep = torch.ones(active[name].numel(), dtype=torch.bool, device=drop.device)
                 keep[drop] = False
-                indices[name] = torch.sort(torch.cat([masks[name][keep], grow])).values
+                indices[name] = torch.sort(torch.cat([active[name][keep], grow])).values.cpu()
         return Masks(indices, masks.shapes)
 
-    def _growth_scores(self, masks: Masks, model: nn.Module, batches: Iterable[Batch]) -> dict[str, torch.Tensor]:
-        """Flat ``|grad|`` per masked parameter, ``-inf`` where an entry may not be grown."""
+    def _growth_scores(
+        self, active: Mapping[str, torch.Tensor], model: nn.Module, batches: Iterable[Batch]
+    ) -> dict[str, torch.Tensor]:
+        """Flat ``|grad|`` per masked parameter (on its device), ``-inf`` where an entry may not be grown."""
         scores = self.accumulate(model, batches, lambda weight, grad: grad.abs())
         exclusion = self.exclusion()
         out = {}
-        for name in masks.names:
-            flat = scores.pop(name).reshape(-1).cpu()
-            flat[masks[name]] = -math.inf
+        for name, indices in active.items():
+            flat = scores.pop(name).reshape(-1)
+            flat[indices] = -math.inf
             if exclusion is not None and name in exclusion:
-                flat[exclusion[name]] = -math.inf
+                flat[exclusion[name].to(flat.device)] = -math.inf
             out[name] = flat
         return out
 
@@ -191,7 +193,7 @@ def _largest(values: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:
     Ties go to the earlier tensor, then the lower position; each result is sorted.
     """
     if count == 0:
-        return [torch.zeros(0, dtype=torch.int64) for _ in values]
+        return [torch.zeros(0, dtype=torch.int64, device=part.device) for part in values]
     flat = torch.cat(list(values))
     threshold = torch.kthvalue(flat, flat.numel() - count + 1).values
     remaining = count - int((flat > threshold).sum())

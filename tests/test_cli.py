@@ -62,6 +62,19 @@ def test_fit_from_yaml_writes_config_metrics_and_checkpoint(tiny_config, tmp_pat
     assert len(train) == 2 and {"reward_std", "frac_reward_zero_std", "completions/mean_length"} <= set(rows[0])
     assert any(r["val/reward"] for r in rows)
     assert (run / "checkpoints" / "last.ckpt").exists()
+    assert (run / "model" / "config.json").exists()  # a dense run hands back a Hugging Face folder
+
+
+def test_ckpt_path_last_resumes_from_the_newest_run_into_a_new_folder(tiny_config, tmp_path):
+    missing = run_mth("fit", "--config", str(tiny_config), "--ckpt_path", "last", cwd=tmp_path)
+    assert missing.returncode != 0 and "nothing" not in missing.stderr and "no " in missing.stderr.splitlines()[-1]
+    main(["fit", "--config", str(tiny_config)])
+    main(["fit", "--config", str(tiny_config), "--ckpt_path", "last", "--trainer.max_steps", "3"])
+    runs = tmp_path / "runs" / "tiny"
+    first = list(csv.DictReader((runs / "version_0" / "metrics.csv").open()))
+    resumed = list(csv.DictReader((runs / "version_1" / "metrics.csv").open()))
+    assert [r["step"] for r in first if r["reward"]] == ["0", "1"]
+    assert [r["step"] for r in resumed if r["reward"]] == ["2"]  # continues at step 2, old logs untouched
 
 
 def test_print_config_shows_defaults_without_loading_anything(tiny_config, tmp_path):

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torchmetrics import MeanMetric
 
-from mthlib.checkpoints import SparseDeltaCheckpoint
+from mthlib.checkpoints import FinalModel, SparseDeltaCheckpoint
 from mthlib.envs.base import Environment, Episode
 from mthlib.grpo.loss import (
     LossType,
@@ -133,7 +133,7 @@ class GRPOModule(pl.LightningModule):
     # -- Lightning wiring -------------------------------------------------------------------
     def configure_callbacks(self) -> list[pl.Callback]:
         if self.mask_strategy is None:
-            return []
+            return [FinalModel()]
         return [
             MaskCallback(self.mask_strategy, verify_every=self.hparams.verify_every),
             SparseDeltaCheckpoint(every_n_steps=self.hparams.delta_every_n_steps, keep_last=self.hparams.delta_keep_last),

@@ -149,7 +149,11 @@ def test_load_errors(tmp_path):
     junk.write_bytes(b"this is not a safetensors file")
     with pytest.raises(ValueError, match="not a safetensors file"):
         Masks.load(junk)
-    other = tmp_path / "delta.safetensors"
-    save_file({"w.values": torch.zeros(2)}, str(other), metadata={"format": "mthlib.sparse_delta"})
+    broken_delta = tmp_path / "delta.safetensors"
+    save_file({"w.values": torch.zeros(2)}, str(broken_delta), metadata={"format": "mthlib.sparse_delta"})
+    with pytest.raises(ValueError, match="not a valid mthlib sparse delta"):
+        Masks.load(broken_delta)
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(2)}, str(other), metadata={"format": "something.else"})
     with pytest.raises(ValueError, match="not an mthlib mask file"):
         Masks.load(other)

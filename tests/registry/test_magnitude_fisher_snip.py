@@ -37,8 +37,10 @@ def test_magnitude_keeps_the_largest_or_smallest_absolute_weights():
 def test_fisher_keeps_the_largest_squared_gradients():
     model = Bilinear(WEIGHT)
     batches = [batch([1, 3, 0, 2]), batch([1, -3, 0, 2])]  # grads -x: [-1,-3,0,-2] and [-1,3,0,-2]
-    masks = build_mask("fisher", sparsity=0.5, num_samples=2).compute(model, batches)
-    assert masks["weight"].tolist() == [1, 3]  # squared sums: [2, 18, 0, 8]
+    blog = build_mask("fisher", sparsity=0.5, num_samples=2).compute(model, batches)
+    assert blog["weight"].tolist() == [0, 3]  # (summed gradient)^2: [4, 0, 0, 16]
+    empirical = build_mask("fisher", sparsity=0.5, num_samples=2, estimator="per_sample").compute(model, batches)
+    assert empirical["weight"].tolist() == [1, 3]  # sum of per-sequence squares: [2, 18, 0, 8]
 
 
 def test_snip_keeps_the_largest_gradient_times_weight():

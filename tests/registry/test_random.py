@@ -66,7 +66,8 @@ def test_exclude_mask_entries_are_never_drawn(tiny_lm_untied, tmp_path):
     head = "lm_head.weight"  # the last state_dict entry: every earlier draw stays the blog's
     blocked = torch.arange(0, 64 * 32, 2)
     Masks({head: blocked}, {head: (64, 32)}).save(tmp_path / "first.safetensors")
-    masks = RandomMask(sparsity=0.9, seed=0, exclude_mask=str(tmp_path / "first.safetensors")).compute(tiny_lm_untied, None)
+    strategy = RandomMask(sparsity=0.9, seed=0, exclude_mask=str(tmp_path / "first.safetensors"))
+    masks = strategy.compute(tiny_lm_untied, None)
     plain = RandomMask(sparsity=0.9, seed=0).compute(tiny_lm_untied, None)
     assert masks.count(head) == int(64 * 32 * 0.1)
     assert not torch.isin(masks[head], blocked).any()
