@@ -15,7 +15,7 @@ from mthlib.masking import Allocation, Batch, Masks, MaskStrategy, register_mask
 
 @register_mask("diff")
 class Diff(MaskStrategy):
-    """Train the entries a given fine-tune changed by more than ``tolerance``.
+    """Train the entries a given fine-tune changed by more than a tolerance.
 
     Source: Mukherjee, Yuan, Hakkani-Tur, Peng, "Reinforcement Learning Finetunes Small
     Subnetworks in Large Language Models", NeurIPS 2025 (arXiv:2505.11711): re-training

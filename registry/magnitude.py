@@ -11,7 +11,7 @@ from mthlib.masking import Allocation, Batch, Masks, MaskStrategy, register_mask
 
 @register_mask("magnitude")
 class Magnitude(MaskStrategy):
-    """Train the entries with the largest ``|w|`` (or the smallest, with ``largest=False``).
+    """Train the entries with the largest absolute weight (or the smallest).
 
     Source: Han, Pool, Tran, Dally, "Learning both Weights and Connections for Efficient
     Neural Networks", NeurIPS 2015 (arXiv:1506.02626): the magnitude criterion behind

@@ -14,7 +14,7 @@ from mthlib.masking import Allocation, Batch, Masks, MaskStrategy, register_mask
 
 @register_mask("rigl")
 class RigL(MaskStrategy):
-    """Dynamic mask: every ``update_every`` steps swap the slowest active entries for the steepest frozen ones.
+    """Dynamic mask: periodically swap the least-moved active entries for the frozen ones with the largest gradient.
 
     Source: Evci, Gale, Menick, Castro, Elsen, "Rigging the Lottery: Making All Tickets
     Winners", ICML 2020 (arXiv:1911.11134). RigL prunes the smallest *weights*; here the

@@ -1,4 +1,4 @@
-"""SNIP: keep the entries with the largest connection sensitivity |gradient x weight|."""
+"""SNIP: keep the entries with the largest connection sensitivity ``|gradient x weight|``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from mthlib.masking import Allocation, Batch, Masks, MaskStrategy, register_mask
 
 @register_mask("snip")
 class Snip(MaskStrategy):
-    """Train the entries with the largest connection sensitivity ``|g * w|``.
+    """Train the entries with the largest connection sensitivity ``|gradient x weight|``.
 
     Source: Lee, Ajanthan, Torr, "SNIP: Single-shot Network Pruning based on Connection
     Sensitivity", ICLR 2019 (arXiv:1810.02340).

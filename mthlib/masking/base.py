@@ -300,8 +300,9 @@ class MaskStrategy(abc.ABC):
         Args:
             model: The causal LM.
             batches: Calibration batches.
-            per_sample: ``False``: sum over batches of (batch gradient)**2, the blog's
-                ``theta.grad ** 2`` after a big batch. ``True``: the empirical Fisher, the
+            per_sample: ``False``: sum over batches of (batch gradient)**2 (with a single
+                batch this is the blog's ``theta.grad ** 2``; :class:`~mthlib.registry.fisher.Fisher`
+                squares the gradient summed over all batches instead). ``True``: the empirical Fisher, the
                 sum over single sequences of (sequence gradient)**2 (one backward pass per
                 sequence: exact, not fast).
 

@@ -5,9 +5,11 @@ import math
 import pytest
 import torch
 
-from mthlib.masking import Masks, gather_values
+from mthlib.masking import MaskCallback, Masks, gather_values
 from mthlib.registry.magnitude import Magnitude
 from mthlib.registry.rigl import RigL
+from tests.conftest import make_tiny_lm
+from tests.masking.test_callback import TinyData, TinyModule, frozen_and_active, trainer
 
 Q0, Q1 = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"
 
@@ -123,3 +125,14 @@ def test_bad_arguments_are_refused():
         RigL(total_steps=0)
     with pytest.raises(ValueError, match="init must be"):
         RigL(init="snip")
+
+
+def test_rigl_in_a_lightning_fit_keeps_counts_and_the_frozen_part_bitwise(tmp_path):
+    strategy = RigL(sparsity=0.9, drop_fraction=0.3, update_every=2, total_steps=10, num_samples=4)
+    module, callback = TinyModule(), MaskCallback(strategy, verify_every=1)
+    trainer(tmp_path, 5, callback).fit(module, datamodule=TinyData())
+    initial = strategy.compute(make_tiny_lm(seed=0), None)
+    assert callback.last_update_step == 4 and module.masks != initial
+    assert all(module.masks.count(n) == initial.count(n) for n in initial.names)
+    for name, param, base, keep in frozen_and_active(module.model, module.masks):
+        assert torch.equal(param[~keep], base[~keep]), f"frozen (or dropped) entries of {name} are not the base"
