@@ -181,6 +181,8 @@ class GRPOModule(pl.LightningModule):
         if self.masks is not None:
             checkpoint["state_dict"] = {}
             state["trained_values"] = _gather_values(self.model, self.masks)
+            for callback_state in checkpoint.get("callbacks", {}).values():
+                callback_state.pop("base_values", None)  # the base is reloaded and fingerprint-checked
         checkpoint["mthlib"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -248,7 +250,7 @@ class GRPOModule(pl.LightningModule):
         for first in range(0, len(rollout), h.micro_batch_size):
             rows = slice(first, first + h.micro_batch_size)
             part = rollout.select(rows)
-            mask = part.loss_mask[:, : part.input_ids.shape[1]]
+            mask = part.loss_mask
             logps, entropy = token_logprobs(
                 self.model, part.input_ids, part.attention_mask, mask, h.temperature, h.logprob_chunk_size
             )

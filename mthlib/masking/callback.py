@@ -54,7 +54,9 @@ class MaskCallback(Callback):
     * Logs ``mask/trainable_count`` and ``mask/trainable_fraction`` (active entries over
       all parameters of the model, tied ones once) every training batch.
     * The checkpoint holds the strategy config, the fingerprint, the digests, the step of
-      the last update, the indices (int32) and the base values; resuming restores them
+      the last update, the indices (int32) and the base values (a module that reloads its base
+      instead of checkpointing dense weights may drop them: they are then read back from the
+      freshly loaded base); resuming restores them
       and refuses a different strategy config or a model whose frozen part differs.
 
     Args:
@@ -145,6 +147,8 @@ class MaskCallback(Callback):
 
     def _apply(self, pl_module: pl.LightningModule) -> None:
         model = pl_module.model
+        if not self.base_values:
+            self.base_values = gather_values(model, self.masks)
         params = dict(model.named_parameters())
         self.base_values = {n: v.to(params[n].device) for n, v in self.base_values.items()}
         pl_module.masks = self.masks
@@ -273,7 +277,9 @@ class MaskCallback(Callback):
             )
         names = state_dict["names"]
         self.masks = Masks({n: state_dict["indices"][n] for n in names}, {n: state_dict["shapes"][n] for n in names})
-        self.base_values = dict(state_dict["base_values"])
+        self.base_values = dict(state_dict.get("base_values") or {})
+        if not self.base_values and self._module is not None:
+            self.base_values = gather_values(self._module.model, self.masks)
         self.base_fingerprint = state_dict["base_fingerprint"]
         self.digests = dict(state_dict["digests"])
         self.last_update_step = int(state_dict["last_update_step"])

@@ -16,6 +16,7 @@ bitwise equal to their initial values whatever the weight decay or clipping.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -26,7 +27,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mthlib.masking import sparse_backward
-from mthlib.masking.masks import Masks, index_dtype, locate
+from mthlib.masking.masks import Masks, locate
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -303,13 +304,13 @@ class SparseAdamW(torch.optim.Optimizer):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """:meth:`torch.optim.Optimizer.state_dict` plus the masks (``"masks"``: names, shapes, indices)."""
+        """:meth:`torch.optim.Optimizer.state_dict` plus ``"masks"``: a digest of the masks it belongs to.
+
+        The indices themselves are not repeated here (the mask callback checkpoints them); the
+        digest lets :meth:`load_state_dict` refuse moments saved for other masks.
+        """
         state = super().state_dict()
-        state["masks"] = {
-            "names": list(self.masks.names),
-            "shapes": {name: list(shape) for name, shape in self.masks.shapes.items()},
-            "indices": {name: idx.to(index_dtype(math.prod(self.masks.shape(name)))) for name, idx in self.masks.items()},
-        }
+        state["masks"] = {"digest": _masks_digest(self.masks), "total": self.masks.total}
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -322,10 +323,9 @@ class SparseAdamW(torch.optim.Optimizer):
         saved = state_dict.pop("masks", None)
         if saved is None:
             raise ValueError("not a SparseAdamW state dict: it has no 'masks' entry")
-        masks = Masks({n: saved["indices"][n] for n in saved["names"]}, {n: saved["shapes"][n] for n in saved["names"]})
-        if masks != self.masks:
+        if saved["digest"] != _masks_digest(self.masks):
             raise ValueError(
-                f"optimizer state was saved for different masks ({masks.total} active entries) than this "
+                f"optimizer state was saved for different masks ({saved['total']} active entries) than this "
                 f"optimizer's ({self.masks.total}); build SparseAdamW from the checkpoint's masks"
             )
         super().load_state_dict(state_dict)
@@ -334,6 +334,15 @@ class SparseAdamW(torch.optim.Optimizer):
             for key in _STATE_KEYS:
                 if key in source:
                     self.state[param][key] = source[key].to(device=param.device, dtype=torch.float32, copy=True)
+
+
+def _masks_digest(masks: Masks) -> str:
+    """SHA-256 over every masked parameter's name, shape and indices, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(masks.names):
+        digest.update(f"{name}:{list(masks.shape(name))}".encode())
+        digest.update(masks[name].to(torch.int64).cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _active_part(grad: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -149,7 +149,7 @@ def test_state_dict_round_trip_resumes_identically():
     torch.save({"model": first.state_dict(), "optimizer": opt_first.state_dict()}, buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
-    assert saved["optimizer"]["masks"]["indices"]["model.embed_tokens.weight"].dtype == torch.int32
+    assert saved["optimizer"]["masks"]["total"] == masks.total and len(saved["optimizer"]["masks"]["digest"]) == 64
 
     resumed = make_tiny_lm(seed=0)
     resumed.load_state_dict(saved["model"])
