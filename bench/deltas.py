@@ -31,9 +31,10 @@ def dense_bytes(model: torch.nn.Module, folder: Path) -> int:
 
 
 def resumable_bytes(model: torch.nn.Module, masks, optimizer: SparseAdamW) -> int:
-    """What a masked run's checkpoint carries instead of dense weights."""
+    """What a masked run's checkpoint carries instead of dense weights: indices, trained values, moments."""
     params = dict(model.named_parameters())
     state = {
+        "indices": {n: i.to(torch.int32) for n, i in masks.items()},
         "trained_values": {n: params[n].detach().reshape(-1)[i].clone() for n, i in masks.items()},
         "optimizer": optimizer.state_dict(),
     }
