@@ -76,6 +76,14 @@ def make_tiny_chat_lm(seed: int = 0, hidden: int = 32, layers: int = 2):
     return model, tokenizer
 
 
+def save_tiny_chat_lm(folder, seed: int = 0) -> str:
+    """Save :func:`make_tiny_chat_lm` with its tokenizer as a Hugging Face folder; return its path."""
+    model, tokenizer = make_tiny_chat_lm(seed=seed)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture
 def tiny_lm():
     """A tied-embedding tiny Llama (embeddings shared with ``lm_head``)."""

@@ -9,24 +9,13 @@ from mthlib.data import PromptDataModule
 from mthlib.deltas import load_delta
 from mthlib.grpo import GRPOModule
 from mthlib.masking import build_mask
-from tests.conftest import make_tiny_chat_lm
-from tests.grpo.toy import LetterA
+from tests.conftest import make_tiny_chat_lm, save_tiny_chat_lm
+from tests.grpo.toy import LetterA, RewardLog
 
 
 @pytest.fixture
 def tiny_model_dir(tmp_path):
-    model, tokenizer = make_tiny_chat_lm(seed=5)
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    return str(tmp_path / "tiny")
-
-
-class Rewards(pl.Callback):
-    def __init__(self):
-        self.values = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.values.append(float(trainer.callback_metrics["reward"]))
+    return save_tiny_chat_lm(tmp_path / "tiny", seed=5)
 
 
 def fit(model_dir, root, steps, ckpt_path=None, every=2):
@@ -37,14 +26,14 @@ def fit(model_dir, root, steps, ckpt_path=None, every=2):
         delta_every_n_steps=every, delta_keep_last=2,
     )
     data = PromptDataModule(env=LetterA("abcdefghij"), batch_size=2, eval_size=2)
-    rewards = Rewards()
+    rewards = RewardLog()
     trainer = pl.Trainer(
         max_steps=steps, default_root_dir=root, logger=False, enable_progress_bar=False, limit_val_batches=0,
         callbacks=[rewards, ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=every, save_last=True,
                                             save_top_k=-1)],
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    return module, rewards.values
+    return module, rewards.rewards
 
 
 def test_deltas_are_written_kept_last_k_and_last_resolves(tiny_model_dir, tmp_path):
@@ -82,8 +71,6 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_model_dir, tmp
 
 def test_resume_onto_another_base_is_refused(tiny_model_dir, tmp_path):
     fit(tiny_model_dir, tmp_path, steps=2)
-    other, tokenizer = make_tiny_chat_lm(seed=6)
-    other.save_pretrained(tmp_path / "other")
-    tokenizer.save_pretrained(tmp_path / "other")
+    save_tiny_chat_lm(tmp_path / "other", seed=6)
     with pytest.raises(Exception, match="fingerprint"):
         fit(str(tmp_path / "other"), tmp_path, steps=4, ckpt_path=tmp_path / "ckpt" / "last.ckpt")

@@ -6,24 +6,13 @@ import torch
 
 from mthlib.data import PromptDataModule
 from mthlib.grpo import GRPOModule
-from tests.conftest import make_tiny_chat_lm
-from tests.grpo.toy import LetterA
+from tests.conftest import make_tiny_chat_lm, save_tiny_chat_lm
+from tests.grpo.toy import LetterA, RewardLog
 
 
 @pytest.fixture
 def tiny_model_dir(tmp_path):
-    model, tokenizer = make_tiny_chat_lm(seed=3)
-    model.save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
-    return str(tmp_path / "tiny")
-
-
-class RewardLog(pl.Callback):
-    def __init__(self):
-        self.rewards = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.rewards.append(float(trainer.callback_metrics["reward"]))
+    return save_tiny_chat_lm(tmp_path / "tiny", seed=3)
 
 
 def fit(model_dir, tmp_path, steps, env=None, **options):

@@ -2,6 +2,8 @@
 
 import random
 
+import lightning.pytorch as pl
+
 from mthlib.envs.base import Environment, Episode
 
 
@@ -21,3 +23,13 @@ class LetterA(Environment):
 
     def reference(self, episode: Episode) -> list[str]:
         return ["aaaa"]
+
+
+class RewardLog(pl.Callback):
+    """Records the logged mean ``reward`` of every training step."""
+
+    def __init__(self) -> None:
+        self.rewards: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.rewards.append(float(trainer.callback_metrics["reward"]))
