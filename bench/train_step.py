@@ -56,10 +56,13 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--completion", type=int, default=48)
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute decoder activations in backward")
     parser.add_argument("--calibration", type=int, default=16, help="calibration sequences for gradient-based masks")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_model()
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids, attention, loss_mask = synthetic_rollout(tokenizer, args.prompts, args.generations, args.completion)
     mask_seconds = 0.0
     if args.mask == "dense":
@@ -95,7 +98,8 @@ def main() -> None:
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                 if isinstance(t, torch.Tensor))
     print(json.dumps({
-        "variant": args.mask if args.mask == "dense" else f"{args.mask} {args.sparsity:g}",
+        "variant": (args.mask if args.mask == "dense" else f"{args.mask} {args.sparsity:g}")
+        + (" +ckpt" if args.gradient_checkpointing else ""),
         "step_s": sum(times[1:]) / max(len(times) - 1, 1),
         "mask_s": mask_seconds,
         "trainable": trainable,

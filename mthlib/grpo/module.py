@@ -71,6 +71,8 @@ class GRPOModule(pl.LightningModule):
         mask_truncated_completions: Exclude completions cut at ``max_completion_length`` from the loss.
         micro_batch_size: Completions per forward/backward pass (gradient accumulation inside a step).
         logprob_chunk_size: Tokens per chunk of output-projection logits.
+        gradient_checkpointing: Recompute each decoder layer's activations in backward instead of
+            keeping them (less memory, about one more forward pass of time).
         eval_max_completion_length: New tokens per turn in greedy evaluation (``None``: ``max_completion_length``).
         verify_every: With a mask, check every this many steps that frozen entries are bitwise unchanged.
         delta_every_n_steps: With a mask, write a sparse delta every this many steps (and at the end).
@@ -102,6 +104,7 @@ class GRPOModule(pl.LightningModule):
         mask_truncated_completions: bool = False,
         micro_batch_size: int = 8,
         logprob_chunk_size: int = 1024,
+        gradient_checkpointing: bool = False,
         eval_max_completion_length: int | None = None,
         verify_every: int = 50,
         delta_every_n_steps: int = 50,
@@ -116,6 +119,8 @@ class GRPOModule(pl.LightningModule):
         self.hparams["mask"] = mask.config() if mask is not None else None
         self.automatic_optimization = False
         self.model, self.tokenizer = load_model(model_name_or_path, dtype)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.mask_strategy = mask
         self.masks = None
         self.base_values = None

@@ -58,3 +58,13 @@ def test_num_generations_below_two_is_refused(tiny_model_dir):
 def test_missing_model_path_is_one_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="cannot load model"):
         GRPOModule(model_name_or_path=str(tmp_path / "nowhere"))
+
+
+def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir, tmp_path):
+    plain, _ = fit(tiny_model_dir, tmp_path / "a", steps=1, learning_rate=1e-2, num_generations=4,
+                   max_completion_length=4, env=LetterA("abcdefghijklm"))
+    recomputed, _ = fit(tiny_model_dir, tmp_path / "b", steps=1, learning_rate=1e-2, num_generations=4,
+                        max_completion_length=4, env=LetterA("abcdefghijklm"), gradient_checkpointing=True)
+    assert recomputed.model.is_gradient_checkpointing
+    for p, q in zip(plain.model.parameters(), recomputed.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
