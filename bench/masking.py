@@ -4,7 +4,7 @@ Each variant runs in its own process (``bench/train_step.py``) on the embedded m
 quickstart's batch (2 prompts x 8 completions, 48 completion tokens, fp32), timing the training
 part of a step (log-probs, loss, backward, clipping, optimizer step) on a fixed rollout.
 
-    python bench/masking.py [--strategies random fisher ...] [--sparsities 0.99 0.999]
+    python bench/masking.py [--strategies random fisher ...] [--sparsities 0.99 0.999] [--checkpointed]
 """
 
 from __future__ import annotations
@@ -19,11 +19,9 @@ HERE = Path(__file__).parent
 DEFAULT = ["random", "fisher", "snip", "magnitude", "expander", "rigl"]
 
 
-def run(mask: str, sparsity: float, steps: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, str(HERE / "train_step.py"), "--mask", mask, "--sparsity", str(sparsity), "--steps", str(steps)],
-        capture_output=True, text=True, check=True,
-    ).stdout
+def run(mask: str, sparsity: float, steps: int, extra: list[str]) -> dict:
+    command = [sys.executable, str(HERE / "train_step.py"), "--mask", mask, "--sparsity", str(sparsity), "--steps", str(steps)]
+    out = subprocess.run(command + extra, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -32,9 +30,14 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=DEFAULT)
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.99, 0.999])
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--checkpointed", action="store_true",
+                        help="also run every masked variant with gradient checkpointing and 256-token logit chunks")
     args = parser.parse_args()
-    dense = run("dense", 0.0, args.steps)
-    rows = [dense] + [run(m, s, args.steps) for m in args.strategies for s in args.sparsities]
+    dense = run("dense", 0.0, args.steps, [])
+    rows = [dense] + [run(m, s, args.steps, []) for m in args.strategies for s in args.sparsities]
+    if args.checkpointed:
+        memory = ["--gradient_checkpointing", "--chunk", "256"]
+        rows += [run(m, s, args.steps, memory) for m in args.strategies for s in args.sparsities]
     print("| variant | trainable | train step s | vs dense | mask build s | optimizer state | vs dense AdamW | peak RSS GiB | vs dense |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:

@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--completion", type=int, default=48)
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute decoder activations in backward")
+    parser.add_argument("--chunk", type=int, default=1024, help="tokens per output-projection chunk")
     parser.add_argument("--calibration", type=int, default=16, help="calibration sequences for gradient-based masks")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -85,7 +86,7 @@ def main() -> None:
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        logps, _ = token_logprobs(model, ids, attention, loss_mask)
+        logps, _ = token_logprobs(model, ids, attention, loss_mask, chunk_size=args.chunk)
         loss, _ = clipped_surrogate(logps, logps.detach(), advantages, 0.2, 0.2)
         aggregate_loss(loss, loss_mask, "dapo", norm).backward()
         if isinstance(optimizer, SparseAdamW):
