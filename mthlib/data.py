@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mthlib.envs.alphabet_sort import AlphabetSort
 from mthlib.envs.base import Environment, Episode
+from mthlib.grpo.rollout import attention_rows, pad_rows
 
 
 class EpisodeStream(IterableDataset):
@@ -133,12 +134,9 @@ def conversation_tokens(
 
 
 def _pad_batch(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (ids, lab) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        labels[i, : len(lab)] = torch.tensor(lab)
-        attention[i, : len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    ids = [row for row, _ in rows]
+    return {
+        "input_ids": pad_rows(ids, pad_id),
+        "attention_mask": attention_rows(ids),
+        "labels": pad_rows([labels for _, labels in rows], -100),
+    }

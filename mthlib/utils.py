@@ -72,3 +72,18 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def safetensors_format(path: str | os.PathLike) -> str | None:
+    """The ``format`` metadata of a safetensors file (``None`` if it has none).
+
+    Raises:
+        ValueError: The file is not a readable safetensors file.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format")
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from None

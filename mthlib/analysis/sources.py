@@ -27,13 +27,14 @@ from pathlib import Path
 from typing import Protocol, Union
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from torch import Tensor, nn
 
 from mthlib.analysis.compare import View, changed_indices
 from mthlib.deltas import FORMAT as DELTA_FORMAT
 from mthlib.deltas import SparseDelta, load_delta
 from mthlib.fingerprint import state_fingerprint, unique_parameters
+from mthlib.utils import safetensors_format
 
 MASKS_FORMAT = "mthlib.masks"
 SPEC_KINDS = "an HF model folder, a safetensors state dict, a sparse delta, a mask file, a run folder or a model name"
@@ -186,14 +187,6 @@ def check_same_parameters(base: WeightSource, other: WeightSource) -> None:
                              f"but {other.shape(name)} in {other.label}")
 
 
-def _format_of(path: Path) -> str | None:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("format")
-    except SafetensorError as err:
-        raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
-
-
 def _step_of(path: Path) -> int:
     with safe_open(str(path), framework="pt") as handle:
         return int((handle.metadata() or {})["step"])
@@ -211,7 +204,7 @@ def run_deltas(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     candidates = [*saved, run / "deltas" / "last.safetensors", run / "last.safetensors"]
     by_step: dict[int, Path] = {}
     for path in candidates:
-        if path.is_file() and _format_of(path) == DELTA_FORMAT:
+        if path.is_file() and safetensors_format(path) == DELTA_FORMAT:
             by_step.setdefault(_step_of(path), path)
     return sorted(by_step.items())
 
@@ -221,7 +214,7 @@ def _hf_weight_files(folder: Path) -> list[Path]:
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         return [folder / name for name in sorted(set(weight_map.values()))]
-    return [p for p in sorted(folder.glob("*.safetensors")) if _format_of(p) not in (DELTA_FORMAT, MASKS_FORMAT)]
+    return [p for p in sorted(folder.glob("*.safetensors")) if safetensors_format(p) not in (DELTA_FORMAT, MASKS_FORMAT)]
 
 
 def spec_kind(path: Path) -> str:
@@ -235,7 +228,7 @@ def spec_kind(path: Path) -> str:
                          "(deltas/*.safetensors or last.safetensors)")
     if path.suffix != ".safetensors":
         raise ValueError(f"unsupported file {path}: expected {SPEC_KINDS}")
-    fmt = _format_of(path)
+    fmt = safetensors_format(path)
     if fmt == DELTA_FORMAT:
         return "delta"
     if fmt == MASKS_FORMAT:

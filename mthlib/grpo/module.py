@@ -25,7 +25,7 @@ from mthlib.grpo.loss import (
     kl_to_reference,
 )
 from mthlib.grpo.rollout import Rollout, SamplingConfig, generate_rollout, token_logprobs
-from mthlib.masking import MaskCallback, MaskStrategy, SparseAdamW, swapped_to_base
+from mthlib.masking import MaskCallback, MaskStrategy, SparseAdamW, gather_values, scatter_values, swapped_to_base
 from mthlib.fingerprint import model_fingerprint
 from mthlib.models import EMBEDDED, load_model
 
@@ -163,7 +163,7 @@ class GRPOModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         self.model.train()
         if self._pending_values is not None:
-            _scatter_values(self.model, self.masks, self._pending_values)
+            scatter_values(self.model, self.masks, self._pending_values)
             self._pending_values = None
         if self.hparams.beta > 0 and self.masks is None and self.reference is None:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -185,7 +185,7 @@ class GRPOModule(pl.LightningModule):
         }
         if self.masks is not None:
             checkpoint["state_dict"] = {}
-            state["trained_values"] = _gather_values(self.model, self.masks)
+            state["trained_values"] = gather_values(self.model, self.masks)
             for callback_state in checkpoint.get("callbacks", {}).values():
                 callback_state.pop("base_values", None)  # the base is reloaded and fingerprint-checked
         checkpoint["mthlib"] = state
@@ -366,18 +366,6 @@ class GRPOModule(pl.LightningModule):
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(values.dtype)
     return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
-def _gather_values(model: torch.nn.Module, masks: Any) -> dict[str, torch.Tensor]:
-    params = dict(model.named_parameters())
-    return {name: params[name].detach().reshape(-1)[idx].clone() for name, idx in masks.items()}
-
-
-@torch.no_grad()
-def _scatter_values(model: torch.nn.Module, masks: Any, values: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    for name, idx in masks.items():
-        params[name].view(-1)[idx] = values[name].to(params[name].dtype)
 
 
 def _to_device(rollout: Rollout, device: torch.device) -> Rollout:

@@ -101,14 +101,19 @@ def prompt_tokens(tokenizer: PreTrainedTokenizerBase, episode: Episode) -> list[
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """Stack integer rows of different lengths into a ``(len(rows), longest)`` tensor padded with ``value``."""
     width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
-    return ids, mask
+        if row:
+            (out[i, width - len(row):] if left else out[i, : len(row)]).copy_(torch.tensor(row, dtype=torch.long))
+    return out
+
+
+def attention_rows(rows: list[list[int]], left: bool = False) -> torch.Tensor:
+    """The attention mask matching :func:`pad_rows`: 1 on real tokens, 0 on padding."""
+    return pad_rows([[1] * len(r) for r in rows], 0, left)
 
 
 @torch.no_grad()
@@ -122,8 +127,8 @@ def sample_turn(
         turn was truncated at ``max_completion_length``.
     """
     eos_id = tokenizer.eos_token_id
-    ids, mask = _left_pad(contexts, tokenizer.pad_token_id)
-    ids, mask = ids.to(model.device), mask.to(model.device)
+    ids = pad_rows(contexts, tokenizer.pad_token_id, left=True).to(model.device)
+    mask = attention_rows(contexts, left=True).to(model.device)
     options = {"do_sample": False} if sampling.greedy else {
         "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
     }
@@ -174,15 +179,11 @@ def generate_rollout(
             replies[i].append(tokenizer.decode(new, skip_special_tokens=True))
             truncated[i] = cut
     model.train(was_training)
-    width = max(len(t) for t in tokens)
-    ids = torch.full((len(tokens), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    loss_mask = torch.zeros_like(ids)
-    for i, (row, flags) in enumerate(zip(tokens, loss)):
-        ids[i, : len(row)] = torch.tensor(row)
-        attention[i, : len(row)] = 1
-        loss_mask[i, : len(row)] = torch.tensor(flags)
-    return Rollout(ids, attention, loss_mask, replies, torch.tensor(truncated), loss_mask.sum(dim=1))
+    loss_mask = pad_rows(loss, 0)
+    return Rollout(
+        pad_rows(tokens, tokenizer.pad_token_id), attention_rows(tokens), loss_mask, replies,
+        torch.tensor(truncated), loss_mask.sum(dim=1),
+    )
 
 
 def _chunk_logprobs(

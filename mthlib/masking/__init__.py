@@ -17,7 +17,7 @@ from mthlib.masking.registry import (
     mask_summaries,
     register_mask,
 )
-from mthlib.masking.swap import base_view, frozen_digests, gather_values, swapped_to_base
+from mthlib.masking.swap import base_view, frozen_digests, gather_values, scatter_values, swapped_to_base
 
 __all__ = [
     "Allocation",
@@ -38,5 +38,6 @@ __all__ = [
     "mask_summaries",
     "parameter_kinds",
     "register_mask",
+    "scatter_values",
     "swapped_to_base",
 ]

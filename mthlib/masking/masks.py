@@ -13,6 +13,7 @@ File format (safetensors, written atomically): ``"<name>.indices"`` holds the in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,7 +26,7 @@ from safetensors.torch import save_file
 
 from mthlib.deltas import FORMAT as DELTA_FORMAT
 from mthlib.deltas import load_delta
-from mthlib.utils import atomic_path
+from mthlib.utils import atomic_path, safetensors_format
 
 FORMAT = "mthlib.masks"
 """Value of the ``format`` metadata key of a mask file."""
@@ -253,7 +254,10 @@ class Masks:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"mask file not found: {path}")
-        if _format_of(path) == DELTA_FORMAT:
+        is_delta = False
+        with contextlib.suppress(ValueError):
+            is_delta = safetensors_format(path) == DELTA_FORMAT
+        if is_delta:
             delta = load_delta(path)
             masks = cls({n: i.to(torch.int64) for n, i in delta.indices.items()}, dict(delta.shapes))
             masks.metadata = dict(delta.metadata)
@@ -274,14 +278,6 @@ class Masks:
         masks = cls(indices, shapes)
         masks.metadata = {k: v for k, v in header.items() if k not in ("format", "version", "names")}
         return masks
-
-
-def _format_of(path: Path) -> str | None:
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("format")
-    except SafetensorError:
-        return None
 
 
 def locate(haystack: torch.Tensor, needles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,6 +37,16 @@ def gather_values(model: nn.Module, masks: Masks) -> dict[str, torch.Tensor]:
     }
 
 
+@torch.no_grad()
+def scatter_values(model: nn.Module, masks: Masks, values: Mapping[str, torch.Tensor]) -> None:
+    """Write ``values[name]`` into the active entries ``masks[name]`` (the inverse of :func:`gather_values`)."""
+    params = _parameters(model, masks)
+    for name, idx in masks.items():
+        if idx.numel():
+            flat = params[name].view(-1)
+            flat.index_copy_(0, idx.to(flat.device), values[name].to(device=flat.device, dtype=flat.dtype))
+
+
 @contextlib.contextmanager
 def swapped_to_base(model: nn.Module, masks: Masks, base_values: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
     """Temporarily write the base values into the active entries; restore the trained values on exit.
@@ -54,22 +64,12 @@ def swapped_to_base(model: nn.Module, masks: Masks, base_values: Mapping[str, to
     Yields:
         ``model``.
     """
-    params = _parameters(model, masks)
-    trained: dict[str, torch.Tensor] = {}
+    trained = gather_values(model, masks)
     try:
-        with torch.no_grad():
-            for name, idx in masks.items():
-                if not idx.numel():
-                    continue
-                flat = params[name].view(-1)
-                idx = idx.to(flat.device)
-                trained[name] = flat.index_select(0, idx)
-                flat.index_copy_(0, idx, base_values[name].to(device=flat.device, dtype=flat.dtype))
+        scatter_values(model, masks, base_values)
         yield model
     finally:
-        with torch.no_grad():
-            for name, values in trained.items():
-                params[name].view(-1).index_copy_(0, masks[name].to(values.device), values)
+        scatter_values(model, masks, trained)
 
 
 @torch.no_grad()
