@@ -126,7 +126,7 @@ class MaskCallback(Callback):
         masks = trainer.strategy.broadcast(self.strategy.compute(model, batches), src=0)
         self.masks = masks
         self.base_values = gather_values(model, masks)
-        self.base_fingerprint = model_fingerprint(model, refresh=True)
+        self.base_fingerprint = model_fingerprint(model)
         self.digests = dict(frozen_digests(model, masks, self.base_values))
         self.last_update_step = 0
 
