@@ -64,10 +64,12 @@ class SparseDeltaCheckpoint(pl.Callback):
             with atomic_path(folder / LAST) as tmp:
                 tmp.unlink()
                 os.link(path, tmp)
-            if str(path) not in self.saved:
-                self.saved.append(str(path))
-            while len(self.saved) > self.keep_last:
-                Path(self.saved.pop(0)).unlink(missing_ok=True)
+        if str(path) not in self.saved:  # every rank keeps the list, so every rank agrees on when to save
+            self.saved.append(str(path))
+        while len(self.saved) > self.keep_last:
+            old = Path(self.saved.pop(0))
+            if trainer.is_global_zero:
+                old.unlink(missing_ok=True)
         trainer.strategy.barrier()
         return path
 
@@ -86,8 +88,9 @@ class FinalModel(pl.Callback):
     """
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "model"  # log_dir is a collective: every rank asks
         if trainer.is_global_zero:
-            with atomic_dir(Path(trainer.log_dir or trainer.default_root_dir) / "model") as tmp:
+            with atomic_dir(folder) as tmp:
                 pl_module.model.save_pretrained(tmp)
                 pl_module.tokenizer.save_pretrained(tmp)
         trainer.strategy.barrier()

@@ -76,6 +76,7 @@ class MthCLI(LightningCLI):
         """Build model, data and trainer; a bad model path or value is one error line, not a traceback."""
         try:
             super().instantiate_classes()
+            self.model.check_strategy(self.trainer.strategy)
         except (FileNotFoundError, ValueError) as err:
             sys.exit(f"mth: error: {err}")
 

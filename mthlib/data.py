@@ -20,16 +20,28 @@ class EpisodeStream(IterableDataset):
     Episode ``i`` depends only on ``(seed, i)``. On resume the module sets ``position`` to
     the number of prompts it had trained on (the loader prefetches, so the stream's own
     counter runs ahead), and the run continues with the prompts it would have seen.
+
+    Sharded over ``world_size`` processes (:meth:`shard`), process ``rank`` reads episodes
+    ``position * world_size + rank``: the processes never share a prompt, and together they
+    read the single-process stream in order.
     """
 
     def __init__(self, env: Environment, seed: int) -> None:
         self.env = env
         self.seed = seed
         self.position = 0
+        self.rank = 0
+        self.world_size = 1
+
+    def shard(self, rank: int, world_size: int) -> None:
+        """Read only the episodes of process ``rank`` out of ``world_size``."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size); got rank={rank}, world_size={world_size}")
+        self.rank, self.world_size = rank, world_size
 
     def __iter__(self) -> Iterator[Episode]:
         while True:
-            episode = self.env.episode(self.seed, self.position)
+            episode = self.env.episode(self.seed, self.position * self.world_size + self.rank)
             self.position += 1
             yield episode
 
@@ -69,6 +81,11 @@ class PromptDataModule(pl.LightningDataModule):
         self.eval_seed = eval_seed
         self.eval_batch_size = eval_batch_size
         self.train_stream = EpisodeStream(self.env, seed)
+
+    def setup(self, stage: str) -> None:
+        """Give each process its own share of the training prompts (data-parallel runs)."""
+        if self.trainer is not None:
+            self.train_stream.shard(self.trainer.global_rank, self.trainer.world_size)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_stream, batch_size=self.batch_size, collate_fn=_as_list)

@@ -10,9 +10,12 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import DDPStrategy
+from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
 from mthlib.checkpoints import FinalModel, SparseDeltaCheckpoint
+from mthlib.distributed import STRATEGY_NAME as DDP_SPARSE, SparseDDPStrategy, all_reduce_mean_, is_distributed
 from mthlib.envs.base import Environment, Episode
 from mthlib.grpo.loss import (
     LossType,
@@ -144,6 +147,22 @@ class GRPOModule(pl.LightningModule):
             SparseDeltaCheckpoint(every_n_steps=self.hparams.delta_every_n_steps, keep_last=self.hparams.delta_keep_last),
         ]
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.check_strategy(self.trainer.strategy)
+
+    def check_strategy(self, strategy: pl.strategies.Strategy) -> None:
+        """Refuse a training strategy that cannot train this module.
+
+        Raises:
+            ValueError: A masked module under ``DistributedDataParallel`` (use ``ddp_sparse``).
+        """
+        if self.mask_strategy is not None and isinstance(strategy, DDPStrategy) and not isinstance(strategy, SparseDDPStrategy):
+            raise ValueError(
+                f"a masked run cannot use {type(strategy).__name__}: DistributedDataParallel all-reduces dense gradients "
+                f"that SparseAdamW frees; use strategy '{DDP_SPARSE}' (mthlib.distributed.SparseDDPStrategy)"
+            )
+
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
         if self.masks is not None:
@@ -271,10 +290,23 @@ class GRPOModule(pl.LightningModule):
             stats["entropy"].append(_masked_mean(entropy, mask))
             for key, value in clip_fractions(ratio, advantages[rows], mask, h.epsilon, epsilon_high).items():
                 stats[key].append(value)
+        self._synchronise_gradients(optimizer.optimizer)
         stats["grad_norm"].append(self._clip_gradients(optimizer.optimizer))
         optimizer.step()
         optimizer.zero_grad()
         self.lr_schedulers().step()
+
+    def _synchronise_gradients(self, optimizer: torch.optim.Optimizer) -> None:
+        """Average gradients over processes unless DistributedDataParallel already did (dense runs under ``ddp``)."""
+        if not is_distributed() or isinstance(self.trainer.strategy.model, DistributedDataParallel):
+            return
+        if isinstance(optimizer, SparseAdamW):
+            optimizer.all_reduce_gradients()
+            return
+        for param in self.model.parameters():
+            if param.requires_grad and param.grad is None:
+                param.grad = torch.zeros_like(param)
+        all_reduce_mean_(p.grad for p in self.model.parameters() if p.grad is not None)
 
     def _clip_gradients(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         max_norm = self.hparams.max_grad_norm or float("inf")
@@ -320,8 +352,6 @@ class GRPOModule(pl.LightningModule):
             "reward_std": grouped.std(dim=1).mean(),
             "frac_reward_zero_std": (grouped.std(dim=1) < 1e-6).float().mean(),
             "completions/mean_length": lengths.mean(),
-            "completions/min_length": lengths.min(),
-            "completions/max_length": lengths.max(),
             "completions/clipped_ratio": rollout.truncated.float().mean(),
             "tokens_per_second": lengths.sum() / max(generation_time, 1e-9),
             "timing/generation_s": torch.tensor(generation_time),
@@ -332,8 +362,10 @@ class GRPOModule(pl.LightningModule):
             if key != "reward":
                 metrics[f"rewards/{key}"] = torch.tensor(sum(s[key] for s in scores) / len(scores))
         metrics.update({key: torch.stack(values).float().mean() for key, values in stats.items()})
-        self.log("reward", rewards.mean(), prog_bar=True, batch_size=len(rewards))
-        self.log_dict({k: v.float() for k, v in metrics.items()}, batch_size=len(rewards))
+        self.log("reward", rewards.mean(), prog_bar=True, batch_size=len(rewards), sync_dist=True)
+        self.log_dict({k: v.float() for k, v in metrics.items()}, batch_size=len(rewards), sync_dist=True)
+        self.log("completions/min_length", lengths.min(), batch_size=len(rewards), sync_dist=True, reduce_fx="min")
+        self.log("completions/max_length", lengths.max(), batch_size=len(rewards), sync_dist=True, reduce_fx="max")
 
     # -- evaluation -------------------------------------------------------------------------
     def validation_step(self, batch: list[Episode], batch_idx: int) -> None:

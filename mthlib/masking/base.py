@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from mthlib.distributed import all_reduce_sum_
 from mthlib.masking.masks import Masks
 from mthlib.masking.optim import gathering_paused
 from mthlib.masking.sparse_backward import dense_weight_gradients
@@ -285,7 +286,8 @@ class MaskStrategy(abc.ABC):
         existing ``.grad`` and the train/eval mode are restored afterwards. Gradients are
         folded into fp32 buffers as soon as they are produced, so dense ``.grad`` tensors
         never accumulate. Safe during sparse training: a :class:`~mthlib.masking.SparseAdamW`
-        on the same model neither sees nor loses these gradients.
+        on the same model neither sees nor loses these gradients. Under data-parallel
+        training the sums cover every process's batches (each process passes its share).
 
         Returns:
             Name to ``score_fn(weight, summed_grad)`` for every eligible parameter.
@@ -374,7 +376,12 @@ def _select(scores: Mapping[str, torch.Tensor], k: int, excluded: Mapping[str, t
 def _gradient_pass(
     model: nn.Module, params: Mapping[str, nn.Parameter], batches: Iterable[Batch], squared: bool, per_sample: bool
 ) -> dict[str, torch.Tensor]:
-    """Fold the loss gradients of ``params`` into fp32 buffers (sum of g, or of g**2)."""
+    """Fold the loss gradients of ``params`` into fp32 buffers (sum of g, or of g**2).
+
+    Under ``torch.distributed`` (data-parallel training) each process passes its own share
+    of the calibration batches and the sums are all-reduced, so every process gets the
+    statistics of all batches and chooses the same mask.
+    """
     buffers = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
     by_id = {id(p): buffers[name] for name, p in params.items()}
 
@@ -408,7 +415,9 @@ def _gradient_pass(
                         raise ValueError("calibration batches need 'labels' so the model returns a loss")
                     loss.backward()
                     passes += 1
-        if passes == 0:
+        counted = torch.tensor([passes], dtype=torch.int64, device=device)
+        all_reduce_sum_([counted, *buffers.values()])
+        if int(counted) == 0:
             raise ValueError("no calibration batches with target tokens were given; the strategy needs at least one")
     finally:
         for handle in handles:

@@ -22,6 +22,7 @@ recomputed.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 from typing import Any
@@ -122,16 +123,26 @@ class MaskCallback(Callback):
 
     def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = pl_module.model
+        fingerprint = model_fingerprint(model)
+        if not trainer.strategy.reduce_boolean_decision(fingerprint == trainer.strategy.broadcast(fingerprint), all=True):
+            raise RuntimeError(
+                f"the processes loaded different base models (rank {trainer.global_rank}: fingerprint {fingerprint}); "
+                "every rank must train the same base"
+            )
         batches = self._calibration(trainer, pl_module)
         masks = trainer.strategy.broadcast(self.strategy.compute(model, batches), src=0)
         self.masks = masks
         self.base_values = gather_values(model, masks)
-        self.base_fingerprint = model_fingerprint(model)
+        self.base_fingerprint = fingerprint
         self.digests = dict(frozen_digests(model, masks, self.base_values))
         self.last_update_step = 0
 
     def _calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        """Calibration batches from the data module when the strategy needs them, else ``None``."""
+        """Calibration batches from the data module when the strategy needs them, else ``None``.
+
+        With several processes, each gets every ``world_size``-th batch starting at its rank
+        (the strategy's gradient passes sum the statistics over processes).
+        """
         if not self.strategy.needs_calibration:
             return None
         make = getattr(trainer.datamodule, "calibration_batches", None)
@@ -140,10 +151,11 @@ class MaskCallback(Callback):
                 f"mask strategy {self.strategy.name!r} needs calibration batches: the data module must define "
                 "calibration_batches(tokenizer, num_samples, batch_size, seed)"
             )
-        return make(
+        batches = make(
             getattr(pl_module, "tokenizer", None), num_samples=self.strategy.num_samples,
             batch_size=self.calibration_batch_size, seed=self.strategy.seed,
         )
+        return itertools.islice(batches, trainer.global_rank, None, trainer.world_size)
 
     def _apply(self, pl_module: pl.LightningModule) -> None:
         model = pl_module.model
@@ -211,6 +223,7 @@ class MaskCallback(Callback):
             old, pl_module.model, step, optimizer.sparse_grads or None, self.base_values,
             self._calibration(trainer, pl_module),
         )
+        new = trainer.strategy.broadcast(new, src=0)
         if new.shapes != old.shapes or new.total != old.total:
             raise RuntimeError(
                 f"{self.strategy.name}.update must keep the parameters and the count: {old.total} active entries "

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from mthlib.distributed import all_reduce_mean_
 from mthlib.masking import sparse_backward
 from mthlib.masking.masks import Masks, locate
 
@@ -240,6 +241,20 @@ class SparseAdamW(torch.optim.Optimizer):
         self._grads.clear()
         for name in self._indices:
             self._named[name].grad = None
+
+    @torch.no_grad()
+    def all_reduce_gradients(self) -> None:
+        """Average the sparse gradients over all processes (data parallel); a no-op in a single process.
+
+        Only the ``k`` active entries per parameter travel, in one flat buffer. A parameter
+        that received no gradient on this process contributes zeros, so every process ends
+        with the same buffers and takes the same :meth:`step`. Call it after the last
+        backward of a step and before :meth:`clip_grad_norm_`.
+        """
+        for name, idx in self._indices.items():
+            if name not in self._grads:
+                self._grads[name] = torch.zeros(idx.numel(), dtype=torch.float32, device=idx.device)
+        all_reduce_mean_(self._grads[name] for name in sorted(self._indices))
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
