@@ -52,6 +52,10 @@ class MaskCallback(Callback):
       drops return to their base values (so everything outside the mask stays the base,
       bitwise); entries it grows start from their base values; the optimizer keeps the
       moments of kept entries (:meth:`~mthlib.masking.SparseAdamW.set_masks`).
+    * Several processes (``ddp_sparse``): the ranks must hold the same base (fingerprints
+      compared), calibration batches are dealt out over ranks (the strategy's gradient
+      passes all-reduce their sums), and every mask, initial or updated, is broadcast
+      from rank zero, so all ranks train the same entries.
     * Logs ``mask/trainable_count`` and ``mask/trainable_fraction`` (active entries over
       all parameters of the model, tied ones once) every training batch.
     * The checkpoint holds the strategy config, the fingerprint, the digests, the step of
