@@ -4,13 +4,20 @@ Each variant runs in its own process (``bench/train_step.py``) on the embedded m
 quickstart's batch (2 prompts x 8 completions, 48 completion tokens, fp32), timing the training
 part of a step (log-probs, loss, backward, clipping, optimizer step) on a fixed rollout.
 
-    python bench/masking.py [--strategies random fisher ...] [--sparsities 0.99 0.999] [--checkpointed]
+    python bench/masking.py [--strategies random fisher ...] [--sparsities 0.99 0.999] [--checkpointed] [--lean]
+
+``--lean`` adds the memory-lean setting: gradient checkpointing, 256-token logit chunks, one
+sequence per calibration pass and ``MALLOC_MMAP_THRESHOLD_=1048576`` in the environment,
+which makes glibc return every freed block over 1 MiB to the system at once instead of
+keeping it in the heap (peak RSS falls by about half; each large allocation then pays for
+fresh zeroed pages, so the step is slower).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +26,15 @@ HERE = Path(__file__).parent
 DEFAULT = ["random", "fisher", "snip", "magnitude", "expander", "rigl"]
 
 
-def run(mask: str, sparsity: float, steps: int, extra: list[str]) -> dict:
+CHECKPOINTED = ["--gradient_checkpointing", "--chunk", "256"]
+LEAN = CHECKPOINTED + ["--calibration_batch_size", "1"]
+LEAN_ENV = {"MALLOC_MMAP_THRESHOLD_": "1048576"}
+
+
+def run(mask: str, sparsity: float, steps: int, extra: list[str], env: dict[str, str] | None = None) -> dict:
     command = [sys.executable, str(HERE / "train_step.py"), "--mask", mask, "--sparsity", str(sparsity), "--steps", str(steps)]
-    out = subprocess.run(command + extra, capture_output=True, text=True, check=True).stdout
+    environment = {**os.environ, **(env or {})}
+    out = subprocess.run(command + extra, capture_output=True, text=True, check=True, env=environment).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -32,12 +45,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--checkpointed", action="store_true",
                         help="also run every masked variant with gradient checkpointing and 256-token logit chunks")
+    parser.add_argument("--lean", action="store_true",
+                        help="also run every masked variant memory-lean (see above)")
     args = parser.parse_args()
     dense = run("dense", 0.0, args.steps, [])
     rows = [dense] + [run(m, s, args.steps, []) for m in args.strategies for s in args.sparsities]
     if args.checkpointed:
-        memory = ["--gradient_checkpointing", "--chunk", "256"]
-        rows += [run(m, s, args.steps, memory) for m in args.strategies for s in args.sparsities]
+        rows += [run(m, s, args.steps, CHECKPOINTED) for m in args.strategies for s in args.sparsities]
+    if args.lean:
+        rows += [run(m, s, args.steps, LEAN, LEAN_ENV) for m in args.strategies for s in args.sparsities]
     print("| variant | trainable | train step s | vs dense | mask build s | optimizer state | vs dense AdamW | peak RSS GiB | vs dense |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute decoder activations in backward")
     parser.add_argument("--chunk", type=int, default=1024, help="tokens per output-projection chunk")
     parser.add_argument("--calibration", type=int, default=16, help="calibration sequences for gradient-based masks")
+    parser.add_argument("--calibration_batch_size", type=int, default=8, help="sequences per calibration pass")
     args = parser.parse_args()
     torch.manual_seed(0)
     model, tokenizer = load_model()
@@ -74,7 +76,7 @@ def main() -> None:
         batches = None
         if strategy.needs_calibration:
             data = PromptDataModule(env=QUICKSTART_ENV)
-            batches = list(data.calibration_batches(tokenizer, args.calibration, 8, seed=0))
+            batches = list(data.calibration_batches(tokenizer, args.calibration, args.calibration_batch_size, seed=0))
         start = time.perf_counter()
         masks = strategy.compute(model, batches)
         mask_seconds = time.perf_counter() - start
@@ -100,7 +102,8 @@ def main() -> None:
                 if isinstance(t, torch.Tensor))
     print(json.dumps({
         "variant": (args.mask if args.mask == "dense" else f"{args.mask} {args.sparsity:g}")
-        + (" +ckpt" if args.gradient_checkpointing else ""),
+        + (" +ckpt" if args.gradient_checkpointing else "")
+        + (f" +mmap {os.environ['MALLOC_MMAP_THRESHOLD_']}" if "MALLOC_MMAP_THRESHOLD_" in os.environ else ""),
         "step_s": sum(times[1:]) / max(len(times) - 1, 1),
         "mask_s": mask_seconds,
         "trainable": trainable,

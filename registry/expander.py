@@ -46,10 +46,11 @@ class Expander(MaskStrategy):
     shape, share it; embeddings and the LM head follow the same rule when eligible. No
     scores, no ties.
 
-    Sequential tasks: the entries of ``exclude_mask`` and of ``disjoint_from``, over all
-    eligible tensors of a shape, are forbidden edges, swapped away like repeated ones, so
-    the new pattern shares no edge with them (the paper asks for < 10%); a graph that
-    cannot avoid them within :data:`REPAIR_ROUNDS` rounds raises :class:`RuntimeError`.
+    Sequential tasks: the entries of ``exclude_mask`` (e.g. a first expander mask, or a
+    first task's sparse delta), over all eligible tensors of a shape, are forbidden edges,
+    swapped away like repeated ones, so the new pattern shares no edge with them (the paper
+    asks for < 10%); a graph that cannot avoid them within :data:`REPAIR_ROUNDS` rounds
+    raises :class:`RuntimeError`.
 
     After :meth:`compute`, :attr:`report` maps each shape ``"OUTxIN"`` to ``d_row``,
     ``d_col`` (mean column degree), ``edges``, ``tensors`` and, with ``spectral_report``,
@@ -63,8 +64,6 @@ class Expander(MaskStrategy):
 
     Args:
         sparsity: Fraction of each eligible matrix's entries that stay frozen (approximately: see the count).
-        disjoint_from: Path of a :class:`~mthlib.masking.Masks` file (e.g. a first expander
-            mask) whose edges the new pattern avoids.
         spectral_report: Compute the singular values for :attr:`report`.
         include: Name patterns of parameters that may be trained.
         exclude: Name patterns removed after ``include``.
@@ -72,13 +71,13 @@ class Expander(MaskStrategy):
         include_biases: Let biases be trained (each a one-row pattern).
         include_embeddings: Let the input embeddings and the LM head be trained.
         seed: Seed of the graphs (with the shape: :func:`numpy.random.default_rng` ``([seed, out, in])``).
-        exclude_mask: Path of a :class:`~mthlib.masking.Masks` file whose entries are never chosen.
+        exclude_mask: Path of a :class:`~mthlib.masking.Masks` file (or sparse delta) whose
+            entries the new pattern avoids: it shares no edge with them.
     """
 
     def __init__(
         self,
         sparsity: float = 0.99,
-        disjoint_from: str | None = None,
         spectral_report: bool = True,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
@@ -91,7 +90,6 @@ class Expander(MaskStrategy):
         super().__init__(sparsity, allocation="per_tensor", include=include, exclude=exclude,
                          include_norms=include_norms, include_biases=include_biases,
                          include_embeddings=include_embeddings, seed=seed, exclude_mask=exclude_mask)
-        self.disjoint_from = disjoint_from
         self.spectral_report = spectral_report
         self.report: dict[str, dict[str, float]] = {}
 
@@ -103,8 +101,7 @@ class Expander(MaskStrategy):
         """Build one pattern per shape and give it to every eligible tensor of that shape."""
         params = self.eligible(model)
         views = {name: _matrix_view(tuple(p.shape)) for name, p in params.items()}
-        avoid = [self.exclusion(), Masks.load(self.disjoint_from) if self.disjoint_from is not None else None]
-        avoid = [masks for masks in avoid if masks is not None]
+        avoid = self.exclusion()
         patterns: dict[tuple[int, int], torch.Tensor] = {}
         self.report = {}
         for view in dict.fromkeys(views.values()):
@@ -136,16 +133,15 @@ def _matrix_view(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
-def _forbidden(avoid: list[Masks], names: list[str], params: dict[str, nn.Parameter]) -> np.ndarray:
-    """Sorted union of the entries the masks in ``avoid`` hold for any of ``names``."""
+def _forbidden(avoid: Masks | None, names: list[str], params: dict[str, nn.Parameter]) -> np.ndarray:
+    """Sorted union of the entries ``avoid`` holds for any of ``names`` (tensors of one shape)."""
     parts = []
-    for masks in avoid:
-        for name in names:
-            if name in masks and masks.count(name):
-                if masks.shape(name) != tuple(params[name].shape):
-                    shape = tuple(params[name].shape)
-                    raise ValueError(f"a mask to avoid has shape {masks.shape(name)} for {name}; the model has {shape}")
-                parts.append(masks[name].numpy())
+    for name in names if avoid is not None else []:
+        if name in avoid and avoid.count(name):
+            if avoid.shape(name) != tuple(params[name].shape):
+                shape = tuple(params[name].shape)
+                raise ValueError(f"exclude_mask has shape {avoid.shape(name)} for {name}; the model has {shape}")
+            parts.append(avoid[name].numpy())
     return np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.int64)
 
 
@@ -195,7 +191,7 @@ def biregular_edges(rows: int, cols: int, degree: int, rng: np.random.Generator,
         col_of[bad], col_of[partner] = col_of[partner], col_of[bad].copy()
     raise RuntimeError(
         f"could not build a {rows}x{cols} pattern of row degree {degree} avoiding {forbidden.size} forbidden entries "
-        f"in {REPAIR_ROUNDS} rounds; lower the density or drop disjoint_from/exclude_mask"
+        f"in {REPAIR_ROUNDS} rounds; lower the density or drop exclude_mask"
     )
 
 

@@ -161,7 +161,7 @@ class RigL(MaskStrategy):
         groups = [names] if self.allocation == "global" else [[name] for name in names]
         indices = {}
         for group in groups:
-            growable = sum(int(torch.isfinite(growth[n]).sum()) for n in group)
+            growable = sum(int(torch.count_nonzero(torch.isfinite(growth[n]))) for n in group)
             count = min(self.drop_count(sum(masks.count(n) for n in group), step), growable)
             dropped = _largest([-change[n] for n in group], count)
             grown = _largest([growth[n] for n in group], count)
@@ -196,7 +196,7 @@ def _largest(values: Sequence[torch.Tensor], count: int) -> list[torch.Tensor]:
         return [torch.zeros(0, dtype=torch.int64, device=part.device) for part in values]
     flat = torch.cat(list(values))
     threshold = torch.kthvalue(flat, flat.numel() - count + 1).values
-    remaining = count - int((flat > threshold).sum())
+    remaining = count - int(torch.count_nonzero(flat > threshold))
     out = []
     for part in values:
         above = torch.nonzero(part > threshold).view(-1)

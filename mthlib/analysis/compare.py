@@ -46,7 +46,7 @@ def count_changed(a: Tensor, b: Tensor, tolerances: Sequence[float], view: View 
     for _, ca, cb in _chunks(a, b, view):
         diff = (cb - ca).abs()
         for i, tol in enumerate(tolerances):
-            counts[i] += int(_changed(ca, cb, diff, tol).sum())
+            counts[i] += int(torch.count_nonzero(_changed(ca, cb, diff, tol)))
     return counts
 
 

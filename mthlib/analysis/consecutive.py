@@ -160,7 +160,7 @@ def _scan_parameter(
             current[positions] = delta.values[name].to(torch.float64)
             current_in[positions] = True
         changed[k] += int(changed_mask(previous, current, tol).sum())
-        stored[k] += int((previous_in | current_in).sum())
+        stored[k] += int(torch.count_nonzero(previous_in | current_in))
         ever |= changed_mask(base_values, current, tol)
         previous, previous_in = current, current_in
     return int(ever.sum()), int(changed_mask(base_values, previous, tol).sum())

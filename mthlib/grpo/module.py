@@ -78,6 +78,8 @@ class GRPOModule(pl.LightningModule):
             keeping them (less memory, about one more forward pass of time).
         eval_max_completion_length: New tokens per turn in greedy evaluation (``None``: ``max_completion_length``).
         verify_every: With a mask, check every this many steps that frozen entries are bitwise unchanged.
+        calibration_batch_size: Sequences per gradient pass when a strategy calibrates (e.g. Fisher):
+            smaller passes lower the peak memory of building the mask, not its result.
         delta_every_n_steps: With a mask, write a sparse delta every this many steps (and at the end).
         delta_keep_last: Sparse delta files kept in the run's ``deltas/`` folder.
     """
@@ -110,6 +112,7 @@ class GRPOModule(pl.LightningModule):
         gradient_checkpointing: bool = False,
         eval_max_completion_length: int | None = None,
         verify_every: int = 50,
+        calibration_batch_size: int = 8,
         delta_every_n_steps: int = 50,
         delta_keep_last: int = 3,
     ) -> None:
@@ -143,7 +146,10 @@ class GRPOModule(pl.LightningModule):
         if self.mask_strategy is None:
             return [FinalModel()]
         return [
-            MaskCallback(self.mask_strategy, verify_every=self.hparams.verify_every),
+            MaskCallback(
+                self.mask_strategy, verify_every=self.hparams.verify_every,
+                calibration_batch_size=self.hparams.calibration_batch_size,
+            ),
             SparseDeltaCheckpoint(every_n_steps=self.hparams.delta_every_n_steps, keep_last=self.hparams.delta_keep_last),
         ]
 

@@ -316,7 +316,7 @@ def _validated(name: str, indices: torch.Tensor, numel: int) -> torch.Tensor:
 def _intersection_size(a: torch.Tensor, b: torch.Tensor) -> int:
     if not a.numel() or not b.numel():
         return 0
-    return int(torch.isin(a, b, assume_unique=True).sum())
+    return int(torch.count_nonzero(torch.isin(a, b, assume_unique=True)))
 
 
 def _ratio(numerator: float, denominator: float) -> float:

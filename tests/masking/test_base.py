@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from mthlib.masking import Masks, MaskStrategy, parameter_kinds
+from mthlib.masking.base import _kth_largest
 
 
 class ScoreByWeight(MaskStrategy):
@@ -274,3 +276,11 @@ def test_accumulate_during_sparse_training_leaves_the_optimizer_alone(tiny_lm_un
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["lm_head.weight"]
     model(**batch).loss.backward()
     assert torch.allclose(optimizer.sparse_grads["lm_head.weight"], expected.view(-1)[[0, 7]], atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 37, 1_000, 50_000, 99_999, 100_000])
+def test_kth_largest_equals_kthvalue_with_ties_and_excluded_entries(k):
+    values = torch.randn(100_000, generator=torch.Generator().manual_seed(k))
+    values[::7] = 0.25  # many ties
+    values[:500] = -math.inf  # excluded entries
+    assert torch.equal(_kth_largest(values, k, sample_size=1_000), torch.kthvalue(values, values.numel() - k + 1).values)
