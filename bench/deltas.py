@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from mthlib.deltas import apply_delta, load_delta, save_delta
 from mthlib.fingerprint import model_fingerprint
-from mthlib.masking import SparseAdamW, build_mask
+from mthlib.masking import SparseAdamW, SparseState, build_mask
 from mthlib.models import load_model
 
 
@@ -61,7 +61,8 @@ def main() -> None:
                 for n, p in model.named_parameters():
                     p.copy_(base[n])
             masks = build_mask("random", sparsity=sparsity).compute(model, None)
-            optimizer = SparseAdamW(model, masks, lr=1e-4)
+            state = SparseState.capture(model, masks, fingerprint).attach(model)
+            optimizer = SparseAdamW(state, lr=1e-4)
             model(input_ids=torch.randint(0, 1000, (1, 16)), labels=torch.randint(0, 1000, (1, 16))).loss.backward()
             optimizer.step()
             path = folder / f"delta_{sparsity}.safetensors"
@@ -70,7 +71,7 @@ def main() -> None:
                        strategy=None, sparsity=sparsity, step=1)
             save_s = time.perf_counter() - start
             resumable = resumable_bytes(model, masks, optimizer)
-            optimizer.remove_hooks()
+            state.detach()
             with torch.no_grad():
                 for n, p in model.named_parameters():
                     p.copy_(base[n])

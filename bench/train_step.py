@@ -19,9 +19,11 @@ import torch
 
 from mthlib.data import PromptDataModule
 from mthlib.envs import AlphabetSort
-from mthlib.grpo.loss import Normalizer, aggregate_loss, clipped_surrogate
+from mthlib.grpo.gradients import clip_gradients
+from mthlib.grpo.loss import Normalizer
+from mthlib.grpo.objective import GRPOObjective
 from mthlib.grpo.rollout import token_logprobs
-from mthlib.masking import SparseAdamW, build_mask
+from mthlib.masking import SparseAdamW, SparseState, build_mask
 from mthlib.models import load_model
 
 QUICKSTART_ENV = AlphabetSort(power=1, min_turns=1, max_turns=1, min_names_per_turn=2, max_names_per_turn=3)
@@ -80,21 +82,18 @@ def main() -> None:
         start = time.perf_counter()
         masks = strategy.compute(model, batches)
         mask_seconds = time.perf_counter() - start
-        optimizer = SparseAdamW(model, masks, lr=1e-6, weight_decay=0.0)
+        optimizer = SparseAdamW(SparseState.capture(model, masks).attach(model), lr=1e-6, weight_decay=0.0)
         trainable = masks.total
     advantages = torch.randn(ids.shape[0])
     norm = Normalizer(ids.shape[0], int(loss_mask.sum()), args.completion)
+    objective = GRPOObjective(loss_type="dapo", epsilon=0.2)
     model.train()
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
         logps, _ = token_logprobs(model, ids, attention, loss_mask, chunk_size=args.chunk)
-        loss, _ = clipped_surrogate(logps, logps.detach(), advantages, 0.2, 0.2)
-        aggregate_loss(loss, loss_mask, "dapo", norm).backward()
-        if isinstance(optimizer, SparseAdamW):
-            optimizer.clip_grad_norm_(1.0)
-        else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        objective.loss(logps, logps.detach(), advantages, loss_mask, norm)[0].backward()
+        clip_gradients(model, optimizer, 1.0)
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter() - start)

@@ -4,12 +4,23 @@ Build with ``sphinx-build -W --keep-going -b html docs docs/_build`` after
 ``pip install -e ".[docs]"``. Nothing is mocked: the API and strategy pages are
 rendered from the installed package, so they document the code that runs.
 
-Measured results (tables, figures) are not written by hand: a tool drops reStructuredText
-fragments into ``docs/_generated/`` (and PNGs into ``docs/_static/``), and pages pull
-them in with ``.. include-if-exists:: /_generated/<name>.rst``, which inserts nothing
-while the fragment does not exist.
+Measured results are not written by hand. The measurements are committed as data in
+``docs/data/<name>/`` (the tools' own output: a run's ``metrics.csv``, ``mth analyze``
+JSON, plus a ``measurement.json`` with the context they do not record: commands, machine,
+timings, versions), and every build first runs ``docs/generate.py``, which renders them
+into ``docs/_generated/<name>.rst`` (never committed, ignored by git):
+
+- ``quickstart_curve.rst`` (the reward curve in ``quickstart.rst``) from
+  ``data/quickstart_curve/metrics.csv`` and ``measurement.json``;
+- ``measuring_results.rst`` (sparsity and rank in ``tutorials/measuring.rst``) from
+  ``data/measuring_results/sparsity.json``, ``rank.json`` and ``measurement.json``.
+
+Pages pull a fragment in with ``.. include-if-exists:: /_generated/<name>.rst``, which
+inserts nothing while the fragment does not exist. The figures (PNGs written by
+``mth analyze``) live in ``docs/_static/``.
 """
 
+import sys
 from pathlib import Path
 
 from docutils.parsers.rst import directives
@@ -17,6 +28,9 @@ from sphinx.application import Sphinx
 from sphinx.util.docutils import SphinxDirective
 
 import mthlib
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import generate  # noqa: E402  (docs/generate.py, beside this file)
 
 project = "mthlib"
 author = "mthlib contributors"
@@ -63,6 +77,13 @@ class IncludeIfExists(SphinxDirective):
         return []
 
 
+def write_fragments(app: Sphinx) -> None:
+    """Render ``_generated/*.rst`` from ``data/`` before any page is read (``builder-inited``)."""
+    srcdir = Path(app.srcdir)
+    generate.write_fragments(srcdir / "data", srcdir / "_generated")
+
+
 def setup(app: Sphinx) -> dict[str, bool]:
     app.add_directive("include-if-exists", IncludeIfExists)
+    app.connect("builder-inited", write_fragments)
     return {"parallel_read_safe": True}

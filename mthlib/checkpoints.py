@@ -9,7 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 
 from mthlib.deltas import save_delta
-from mthlib.fingerprint import model_fingerprint
+from mthlib.masking import MaskCallback
 from mthlib.utils import atomic_dir, atomic_path
 
 LAST = "last.safetensors"
@@ -23,18 +23,24 @@ def delta_dir(trainer: pl.Trainer) -> Path:
 class SparseDeltaCheckpoint(pl.Callback):
     """Save ``deltas/step=NNNNNN.safetensors`` every ``every_n_steps`` and at the end of fit.
 
-    Each file is a :mod:`~mthlib.deltas` sparse delta of the module's masked entries;
+    Each file is a :mod:`~mthlib.deltas` sparse delta of the active entries of the run's
+    :class:`~mthlib.masking.SparseState` (owned by ``mask_callback``);
     ``deltas/last.safetensors`` always names the newest one (a hard link, replaced
     atomically). Only the newest ``keep_last`` step files are kept. Only rank zero writes.
 
     Args:
+        mask_callback: The run's mask callback (its state gives the masks and the base fingerprint,
+            its strategy the config recorded in each file).
+        base_model: Name or path of the base model, recorded for ``mth export``.
         every_n_steps: Save every this many optimizer steps (0: only at the end of fit).
         keep_last: Step files to keep (``last`` is extra).
     """
 
-    def __init__(self, every_n_steps: int = 50, keep_last: int = 3) -> None:
+    def __init__(self, mask_callback: MaskCallback, base_model: str, every_n_steps: int = 50, keep_last: int = 3) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1; got {keep_last}")
+        self.mask_callback = mask_callback
+        self.base_model = base_model
         self.every_n_steps = every_n_steps
         self.keep_last = keep_last
         self.saved: list[str] = []
@@ -53,13 +59,11 @@ class SparseDeltaCheckpoint(pl.Callback):
         folder = delta_dir(trainer)
         path = folder / f"step={trainer.global_step:06d}.safetensors"
         if trainer.is_global_zero:
-            strategy = pl_module.mask_strategy
+            state = self.mask_callback.state
             save_delta(
-                path, pl_module.model, dict(pl_module.masks.items()),
-                base_model=pl_module.hparams.model_name_or_path,
-                base_fingerprint=model_fingerprint(pl_module.model),
-                strategy=strategy.config() if strategy is not None else None,
-                sparsity=1 - pl_module.masks.density, step=trainer.global_step,
+                path, state.model, dict(state.masks.items()), base_model=self.base_model,
+                base_fingerprint=state.base_fingerprint, strategy=self.mask_callback.strategy.config(),
+                sparsity=1 - state.masks.density, step=trainer.global_step,
             )
             with atomic_path(folder / LAST) as tmp:
                 tmp.unlink()

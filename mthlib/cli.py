@@ -80,6 +80,26 @@ class MthCLI(LightningCLI):
         except (FileNotFoundError, ValueError) as err:
             sys.exit(f"mth: error: {err}")
 
+    def instantiate_trainer(self, **kwargs):
+        """Build the trainer after recording in the saved config what the mask strategy resolved.
+
+        ``config.yaml`` then holds every strategy argument as the run used it (e.g. the
+        ``file`` strategy's digest of the mask file it read), not only what was typed.
+        """
+        config = self.config.get(str(self.subcommand), self.config)
+        strategy = self.model.mask_strategy
+        if strategy is not None:
+            for key, value in strategy.config()["init_args"].items():
+                config[f"model.mask.init_args.{key}"] = value
+        return super().instantiate_trainer(**kwargs)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run ``fit`` / ``validate`` / ``test``; bad input found only then (e.g. a mask file for another base) is one line."""
+        try:
+            super()._run_subcommand(subcommand)
+        except ValueError as err:
+            sys.exit(f"mth {subcommand}: error: {err}")
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True, "checkpoint.every_n_train_steps": 50})

@@ -26,9 +26,6 @@ from torch import Tensor, nn
 FINGERPRINT_CHARS = 32
 """Hex characters kept from the SHA-256 digest (128 bits)."""
 
-CACHE_ATTR = "_mth_base_fingerprint"
-"""Attribute on a model that caches :func:`model_fingerprint` of its untouched base."""
-
 _UPCAST = {torch.bfloat16: torch.float32, torch.float16: torch.float32}
 
 
@@ -72,24 +69,24 @@ def unique_parameters(model: nn.Module) -> list[tuple[str, Tensor]]:
     return sorted(model.named_parameters(remove_duplicate=True), key=lambda item: item[0])
 
 
-def model_fingerprint(model: nn.Module, refresh: bool = False) -> str:
-    """Fingerprint of a model's parameters, cached on the model.
+def canonical_names(model: nn.Module) -> dict[str, str]:
+    """Every name a parameter answers to (tied aliases included) mapped to its first name."""
+    first: list[tuple[str, nn.Parameter]] = []
+    names = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owner = next((seen for seen, other in first if other is param), None)
+        if owner is None:
+            first.append((name, param))
+            owner = name
+        names[name] = owner
+    return names
 
-    Call this on the untouched base, before training changes any weight: the
-    value is cached as ``model._mth_base_fingerprint`` and later calls return the
-    cache, so a delta saved after training still names the base it started from.
 
-    Args:
-        model: The model whose :meth:`~torch.nn.Module.named_parameters` are hashed
-            (tied parameters once, sorted by name).
-        refresh: Recompute from the current weights and replace the cache.
+def model_fingerprint(model: nn.Module) -> str:
+    """Fingerprint of a model's parameters (tied ones once, sorted by name), as :func:`state_fingerprint`.
 
-    Returns:
-        The fingerprint, as :func:`state_fingerprint`.
+    Nothing is cached on the model: whoever needs the base's fingerprint after training
+    started keeps the value it computed on the untouched base (the GRPO module's
+    ``base_fingerprint``, :attr:`~mthlib.masking.SparseState.base_fingerprint`).
     """
-    cached = getattr(model, CACHE_ATTR, None)
-    if cached is not None and not refresh:
-        return cached
-    fingerprint = state_fingerprint(unique_parameters(model))
-    setattr(model, CACHE_ATTR, fingerprint)
-    return fingerprint
+    return state_fingerprint(unique_parameters(model))

@@ -26,23 +26,28 @@ def masks_list() -> None:
 def masks_build(config: str, out: str) -> None:
     """Compute the mask a fit config would train, without training, and save it.
 
+    The mask is the one ``mth fit --config CONFIG`` trains, bitwise: both reach it through
+    :func:`~mthlib.masking.compute_masks` with the config's strategy, data module and
+    ``model.calibration_batch_size``. The file records the strategy config and the base
+    model's fingerprint, and is a valid mask for a run (the ``file`` strategy).
+
     Args:
         config: An ``mth fit`` YAML config, e.g. ``configs/fisher99.yaml``.
         out: The ``.safetensors`` file to write (atomically).
     """
     from mthlib.cli import MthCLI
+    from mthlib.masking import compute_masks
 
     cli = MthCLI(args=["--config", config], run=False)
     module, strategy = cli.model, cli.model.mask_strategy
     if strategy is None:
         raise ValueError("the config sets no mask (model.mask); nothing to build")
-    batches = None
-    if strategy.needs_calibration:
-        batches = cli.datamodule.calibration_batches(
-            module.tokenizer, num_samples=strategy.num_samples, batch_size=8, seed=strategy.seed
-        )
-    masks = strategy.compute(module.model, batches)
-    masks.save(out, metadata={"strategy": json.dumps(strategy.config())})
+    masks = compute_masks(strategy, module.model, cli.datamodule, module.tokenizer, module.hparams.calibration_batch_size)
+    masks.save(out, metadata={
+        "strategy": json.dumps(strategy.config()),
+        "base_model": str(module.hparams.model_name_or_path),
+        "base_fingerprint": module.base_fingerprint,
+    })
     print(f"{strategy.name}: {masks.total:,} trainable entries of {masks.numel:,} "
           f"(density {masks.density:.4%}) in {len(masks)} tensors -> {out}")
 

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from mthlib.analysis.compare import changed_indices
-from mthlib.analysis.sources import ModuleWeights, resolve_weights
-from mthlib.masking import Allocation, Batch, Masks, MaskStrategy, register_mask
+from mthlib.analysis import ModuleWeights, changed_indices, resolve_weights, spec_kind
+from mthlib.masking import Batch, Masks, MaskStrategy, register_mask
+
+Entries = dict[str, torch.Tensor]
+"""Parameter name to one flat tensor (indices, or one score per index)."""
 
 
 @register_mask("diff")
@@ -36,66 +40,39 @@ class Diff(MaskStrategy):
     ``finetuned`` is a Hugging Face model folder (what ``save_pretrained`` writes), a
     safetensors file of a full state dict, an mthlib sparse delta (laid over the base;
     its base fingerprint must match) or a run folder (its latest delta); see
-    :mod:`mthlib.analysis.sources`. Cost: one pass over both models, one tensor at a
-    time; no calibration.
+    :mod:`mthlib.analysis.sources`. It may also be a mask file
+    (:meth:`~mthlib.masking.Masks.save`, ``mth masks build``): its entries then count as
+    the changed ones, restricted to eligible parameters (an eligible parameter the file
+    does not name has none) and ``tolerance`` is not used; a mask has no ``|diff|``, so a
+    binding cap keeps the earliest entries (earlier parameter, then lower flat index).
+    Cost: one pass over both models, one tensor at a time; no calibration. No random
+    choice, so ``seed`` has no effect.
 
     Args:
-        finetuned: Path of the fine-tuned weights.
+        finetuned: Path of the fine-tuned weights, or of a mask file.
         tolerance: Entries that moved by more than this count as changed (the paper: 1e-5).
-        sparsity: Caps the count at ``keep_count(n)`` (0: no cap).
-        allocation: Whether the cap applies to the model (``global``) or to every tensor.
-        include: Name patterns of parameters that may be trained.
-        exclude: Name patterns removed after ``include``.
-        include_norms: Let layer-norm weights be trained.
-        include_biases: Let biases be trained.
-        include_embeddings: Let the input embeddings and the LM head be trained.
-        seed: Unused (no random choice); kept for the common signature.
-        exclude_mask: Path of a :class:`~mthlib.masking.Masks` file whose entries are never chosen.
+        sparsity: Caps the count at ``keep_count(n)`` (0: no cap); ``allocation`` says
+            whether the cap applies to the model (``global``) or to every tensor.
+        **options: The other shared options (``allocation``, ``include``, ``exclude_mask``,
+            ...) of :class:`~mthlib.masking.MaskStrategy`.
     """
 
-    def __init__(
-        self,
-        finetuned: str,
-        tolerance: float = 1e-5,
-        sparsity: float = 0.0,
-        allocation: Allocation = "global",
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        include_norms: bool = False,
-        include_biases: bool = False,
-        include_embeddings: bool = True,
-        seed: int = 0,
-        exclude_mask: str | None = None,
-    ) -> None:
+    def __init__(self, finetuned: str, tolerance: float = 1e-5, sparsity: float = 0.0, **options: Any) -> None:
         if not tolerance >= 0:
             raise ValueError(f"tolerance must be >= 0; got {tolerance}")
-        super().__init__(sparsity, allocation=allocation, include=include, exclude=exclude,
-                         include_norms=include_norms, include_biases=include_biases,
-                         include_embeddings=include_embeddings, seed=seed, exclude_mask=exclude_mask)
+        super().__init__(sparsity=sparsity, **options)
         self.finetuned = finetuned
         self.tolerance = tolerance
 
     def compute(self, model: nn.Module, batches: Iterable[Batch] | None) -> Masks:
         """The changed entries of every eligible parameter (capped by ``sparsity``)."""
         params = self.eligible(model)
-        tuned = resolve_weights(self.finetuned, ModuleWeights(model, "the base model"))
-        available = set(tuned.names())
+        changed, moved = self._from_mask(model, params) if self._is_mask_file() else self._from_weights(model, params)
         exclusion = self.exclusion()
-        changed, moved = {}, {}
-        for name, param in params.items():
-            if name not in available:
-                raise ValueError(f"{self.finetuned} has no parameter {name}; it has e.g. {sorted(available)[:3]}")
-            base, other = param.detach().cpu(), tuned.get(name)
-            if tuple(other.shape) != tuple(base.shape):
-                raise ValueError(
-                    f"{name} has shape {tuple(other.shape)} in {self.finetuned}, {tuple(base.shape)} in the base"
-                )
-            idx = changed_indices(base, other, self.tolerance)
+        for name, idx in changed.items():
             if exclusion is not None and name in exclusion and idx.numel():
-                idx = idx[~torch.isin(idx, exclusion[name])]
-            changed[name] = idx
-            delta = (other.reshape(-1)[idx].double() - base.reshape(-1)[idx].double()).abs()
-            moved[name] = torch.nan_to_num(delta, nan=math.inf).float()
+                keep = ~torch.isin(idx, exclusion[name])
+                changed[name], moved[name] = idx[keep], moved[name][keep]
         groups = [list(params)] if self.allocation == "global" else [[name] for name in params]
         indices = {}
         for group in groups:
@@ -105,6 +82,41 @@ class Diff(MaskStrategy):
             else:
                 indices.update(self.top_k({n: _scatter(params[n], changed[n], moved[n]) for n in group}).items())
         return Masks(indices, {name: tuple(p.shape) for name, p in params.items()})
+
+    def _is_mask_file(self) -> bool:
+        path = Path(self.finetuned).expanduser()
+        return path.is_file() and spec_kind(path) == "masks"
+
+    def _from_weights(self, model: nn.Module, params: dict[str, nn.Parameter]) -> tuple[Entries, Entries]:
+        """Per eligible parameter, the changed flat indices and how far each moved (NaN: ``inf``)."""
+        tuned = resolve_weights(self.finetuned, ModuleWeights(model, "the base model"))
+        available = set(tuned.names())
+        changed, moved = {}, {}
+        for name, param in params.items():
+            if name not in available:
+                raise ValueError(f"{self.finetuned} has no parameter {name}; it has e.g. {sorted(available)[:3]}")
+            base, other = param.detach().cpu(), tuned.get(name)
+            if tuple(other.shape) != tuple(base.shape):
+                raise ValueError(
+                    f"{name} has shape {tuple(other.shape)} in {self.finetuned}, {tuple(base.shape)} in the base"
+                )
+            idx = changed[name] = changed_indices(base, other, self.tolerance)
+            delta = (other.reshape(-1)[idx].double() - base.reshape(-1)[idx].double()).abs()
+            moved[name] = torch.nan_to_num(delta, nan=math.inf).float()
+        return changed, moved
+
+    def _from_mask(self, model: nn.Module, params: dict[str, nn.Parameter]) -> tuple[Entries, Entries]:
+        """Per eligible parameter, the mask file's entries, each with the same score."""
+        mask = Masks.load(Path(self.finetuned).expanduser())
+        known = dict(model.named_parameters())
+        for name in mask.names:
+            if name not in known:
+                raise ValueError(f"mask file {self.finetuned} names {name}, which the model does not have")
+            if mask.shape(name) != tuple(known[name].shape):
+                raise ValueError(f"{name} has shape {mask.shape(name)} in mask file {self.finetuned}, "
+                                 f"{tuple(known[name].shape)} in the model")
+        changed = {n: mask[n] if n in mask else torch.zeros(0, dtype=torch.int64) for n in params}
+        return changed, {n: torch.zeros(idx.numel()) for n, idx in changed.items()}
 
 
 def _scatter(param: nn.Parameter, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

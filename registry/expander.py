@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,34 +63,20 @@ class Expander(MaskStrategy):
     bi-adjacency matrix with its transpose and a float64 eigendecomposition of a
     ``min(out, in)`` square matrix per shape (about 10 s at 4096).
 
+    The shared options keep their meaning, except: ``sparsity`` is met approximately
+    (see the count), ``allocation`` is fixed to ``per_tensor`` and is not an option,
+    ``seed`` seeds the graphs (with the shape: :func:`numpy.random.default_rng`
+    ``([seed, out, in])``), norms and biases (``include_norms``, ``include_biases``) get
+    one-row patterns, and ``exclude_mask`` entries are forbidden edges (above).
+
     Args:
-        sparsity: Fraction of each eligible matrix's entries that stay frozen (approximately: see the count).
         spectral_report: Compute the singular values for :attr:`report`.
-        include: Name patterns of parameters that may be trained.
-        exclude: Name patterns removed after ``include``.
-        include_norms: Let layer-norm weights be trained (each a one-row pattern).
-        include_biases: Let biases be trained (each a one-row pattern).
-        include_embeddings: Let the input embeddings and the LM head be trained.
-        seed: Seed of the graphs (with the shape: :func:`numpy.random.default_rng` ``([seed, out, in])``).
-        exclude_mask: Path of a :class:`~mthlib.masking.Masks` file (or sparse delta) whose
-            entries the new pattern avoids: it shares no edge with them.
+        **options: The shared options (``sparsity``, ``include``, ``seed``, ``exclude_mask``,
+            ...) of :class:`~mthlib.masking.MaskStrategy`, except ``allocation``.
     """
 
-    def __init__(
-        self,
-        sparsity: float = 0.99,
-        spectral_report: bool = True,
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        include_norms: bool = False,
-        include_biases: bool = False,
-        include_embeddings: bool = True,
-        seed: int = 0,
-        exclude_mask: str | None = None,
-    ) -> None:
-        super().__init__(sparsity, allocation="per_tensor", include=include, exclude=exclude,
-                         include_norms=include_norms, include_biases=include_biases,
-                         include_embeddings=include_embeddings, seed=seed, exclude_mask=exclude_mask)
+    def __init__(self, spectral_report: bool = True, **options: Any) -> None:
+        super().__init__(allocation="per_tensor", **options)
         self.spectral_report = spectral_report
         self.report: dict[str, dict[str, float]] = {}
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -36,39 +36,21 @@ class RandomMask(MaskStrategy):
     above 10,000 entries is kept, else it draws only the ``k`` entries).
 
     Allocation is per tensor by nature: ``allocation`` accepts only ``"per_tensor"``
-    and any other value raises :class:`ValueError`.
+    and any other value raises :class:`ValueError`. ``seed`` seeds
+    :func:`numpy.random.default_rng` (the blog uses 0, 2001 and 42).
 
     Args:
-        sparsity: Fraction of each eligible tensor's entries that stay frozen.
         allocation: Must be ``"per_tensor"``.
-        include: Name patterns of parameters that may be trained.
-        exclude: Name patterns removed after ``include``.
-        include_norms: Let layer-norm weights be trained.
-        include_biases: Let biases be trained.
-        include_embeddings: Let the input embeddings and the LM head be trained.
-        seed: Seed of :func:`numpy.random.default_rng` (the blog uses 0, 2001 and 42).
-        exclude_mask: Path of a :class:`~mthlib.masking.Masks` file whose entries are never chosen.
+        **options: The other shared options (``sparsity``, ``include``, ``seed``, ...) of
+            :class:`~mthlib.masking.MaskStrategy`.
     """
 
-    def __init__(
-        self,
-        sparsity: float = 0.99,
-        allocation: Literal["per_tensor"] = "per_tensor",
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        include_norms: bool = False,
-        include_biases: bool = False,
-        include_embeddings: bool = True,
-        seed: int = 0,
-        exclude_mask: str | None = None,
-    ) -> None:
+    def __init__(self, allocation: Literal["per_tensor"] = "per_tensor", **options: Any) -> None:
         if allocation != "per_tensor":
             raise ValueError(
                 f"random masks are drawn tensor by tensor: allocation must be 'per_tensor'; got {allocation!r}"
             )
-        super().__init__(sparsity, allocation=allocation, include=include, exclude=exclude,
-                         include_norms=include_norms, include_biases=include_biases,
-                         include_embeddings=include_embeddings, seed=seed, exclude_mask=exclude_mask)
+        super().__init__(allocation=allocation, **options)
 
     def compute(self, model: nn.Module, batches: Iterable[Batch] | None) -> Masks:
         """Draw the blog's random selection; returns masks over the eligible parameters."""

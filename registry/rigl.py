@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -46,7 +46,6 @@ class RigL(MaskStrategy):
     fp32 copy of the eligible weights' gradients.
 
     Args:
-        sparsity: Fraction of eligible entries that stay frozen.
         drop_fraction: Fraction of active entries swapped at step 0 (the paper's ``alpha``).
         update_every: Optimizer steps between two updates (the paper's ``Delta T``).
         total_steps: Steps over which the drop fraction decays to 0 (the paper's ``T_end``).
@@ -54,13 +53,9 @@ class RigL(MaskStrategy):
         num_samples: Calibration sequences whose gradients each update sums.
         allocation: ``per_tensor`` (the paper's: every tensor keeps its count) or
             ``global`` (the count is fixed over the model and moves between tensors).
-        include: Name patterns of parameters that may be trained.
-        exclude: Name patterns removed after ``include``.
-        include_norms: Let layer-norm weights be trained.
-        include_biases: Let biases be trained.
-        include_embeddings: Let the input embeddings and the LM head be trained.
-        seed: Seed of the initial random mask and of the calibration stream.
-        exclude_mask: Path of a :class:`~mthlib.masking.Masks` file whose entries are never chosen.
+        **options: The other shared options (``sparsity``, ``include``, ``seed``, ...) of
+            :class:`~mthlib.masking.MaskStrategy`; ``seed`` seeds the initial random mask
+            and the calibration stream.
     """
 
     needs_calibration = True
@@ -68,20 +63,13 @@ class RigL(MaskStrategy):
 
     def __init__(
         self,
-        sparsity: float = 0.99,
         drop_fraction: float = 0.3,
         update_every: int = 10,
         total_steps: int = 1000,
         init: Literal["random", "magnitude"] = "random",
         num_samples: int = 16,
         allocation: Allocation = "per_tensor",
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        include_norms: bool = False,
-        include_biases: bool = False,
-        include_embeddings: bool = True,
-        seed: int = 0,
-        exclude_mask: str | None = None,
+        **options: Any,
     ) -> None:
         if not 0.0 <= drop_fraction <= 1.0:
             raise ValueError(f"drop_fraction must be in [0, 1]; got {drop_fraction}")
@@ -90,9 +78,7 @@ class RigL(MaskStrategy):
             raise ValueError(f"update_every, total_steps and num_samples must be >= 1; got {got}")
         if init not in ("random", "magnitude"):
             raise ValueError(f"init must be 'random' or 'magnitude'; got {init!r}")
-        super().__init__(sparsity, allocation=allocation, include=include, exclude=exclude,
-                         include_norms=include_norms, include_biases=include_biases,
-                         include_embeddings=include_embeddings, seed=seed, exclude_mask=exclude_mask)
+        super().__init__(allocation=allocation, **options)
         self.drop_fraction = drop_fraction
         self.update_every = update_every
         self.total_steps = total_steps

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from torch import nn
 
-from mthlib.masking import Allocation, Batch, Masks, MaskStrategy, register_mask
+from mthlib.masking import Batch, Masks, MaskStrategy, register_mask
 
 
 @register_mask("snip")
@@ -21,41 +22,20 @@ class Snip(MaskStrategy):
     ``k = keep_count(n)`` entries, ``n`` being all eligible entries (``global``) or each
     tensor's (``per_tensor``); ties go to the earlier parameter, then the lower flat index.
     Cost: one forward and backward pass per calibration batch over ``num_samples``
-    sequences; one fp32 buffer per eligible parameter.
+    sequences; one fp32 buffer per eligible parameter. ``seed`` seeds the calibration stream.
 
     Args:
-        sparsity: Fraction of eligible entries that stay frozen.
         num_samples: Calibration sequences whose gradients are summed.
-        allocation: ``global`` top-k over the model, or ``per_tensor``.
-        include: Name patterns of parameters that may be trained.
-        exclude: Name patterns removed after ``include``.
-        include_norms: Let layer-norm weights be trained.
-        include_biases: Let biases be trained.
-        include_embeddings: Let the input embeddings and the LM head be trained.
-        seed: Seed of the calibration stream.
-        exclude_mask: Path of a :class:`~mthlib.masking.Masks` file whose entries are never chosen.
+        **options: The shared options (``sparsity``, ``allocation``, ``include``, ``seed``, ...)
+            of :class:`~mthlib.masking.MaskStrategy`.
     """
 
     needs_calibration = True
 
-    def __init__(
-        self,
-        sparsity: float = 0.99,
-        num_samples: int = 128,
-        allocation: Allocation = "global",
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        include_norms: bool = False,
-        include_biases: bool = False,
-        include_embeddings: bool = True,
-        seed: int = 0,
-        exclude_mask: str | None = None,
-    ) -> None:
+    def __init__(self, num_samples: int = 128, **options: Any) -> None:
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1 (calibration sequences); got {num_samples}")
-        super().__init__(sparsity, allocation=allocation, include=include, exclude=exclude,
-                         include_norms=include_norms, include_biases=include_biases,
-                         include_embeddings=include_embeddings, seed=seed, exclude_mask=exclude_mask)
+        super().__init__(**options)
         self.num_samples = num_samples
 
     def compute(self, model: nn.Module, batches: Iterable[Batch] | None) -> Masks:

@@ -101,3 +101,10 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep every test's model cache out of the user's home."""
     if "MTH_CACHE" not in os.environ:
         monkeypatch.setenv("MTH_CACHE", str(tmp_path_factory.getbasetemp() / "mth_cache"))
+
+
+def attached(model, masks, sparse_backward: bool = True):
+    """A :class:`~mthlib.masking.SparseState` recording ``model``'s base for ``masks``, attached to ``model``."""
+    from mthlib.masking import SparseState
+
+    return SparseState.capture(model, masks).attach(model, sparse_backward=sparse_backward)

@@ -24,8 +24,8 @@ class RankSnapshot(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = pl_module.model
         tensors = {f"weight/{name}": p.detach().clone().contiguous() for name, p in model.named_parameters()}
-        if pl_module.masks is not None:
-            tensors.update({f"mask/{name}": idx.clone() for name, idx in pl_module.masks.items()})
+        if pl_module.sparse_state is not None:
+            tensors.update({f"mask/{name}": idx.clone() for name, idx in pl_module.sparse_state.masks.items()})
         path = Path(self.out) / f"rank{trainer.global_rank}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={"prompts": json.dumps(self.prompts), "world_size": str(trainer.world_size)})

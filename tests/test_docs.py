@@ -1,15 +1,37 @@
-"""The Sphinx site builds without a single warning, and its example strategy works as the tutorial says."""
+"""The Sphinx site builds without a single warning, its measured results are generated from committed data,
+and its example strategy works as the tutorial says."""
 
+import importlib.util
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from lightning.pytorch.loggers import CSVLogger
+
+from mthlib.analysis.rank import MatrixRank, RankResult
+from mthlib.analysis.report import write_report
+from mthlib.analysis.sparsity import ParamSparsity, SparsityResult
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
+DATA = DOCS / "data"
 STRATEGIES = ("random", "fisher", "snip", "magnitude", "expander", "rigl", "diff")
+
+
+def _load_generator():
+    """docs/generate.py as a module (docs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("docs_generate", DOCS / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+generate = _load_generator()
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +64,97 @@ def test_every_strategy_has_a_page_with_its_class(built_site: Path, name: str) -
 def test_api_reference_documents_the_public_modules(built_site: Path) -> None:
     html = (built_site / "reference" / "api.html").read_text(encoding="utf-8")
     for anchor in ("mthlib.envs.AlphabetSort", "mthlib.envs.JsonlEnv", "mthlib.masking.MaskStrategy",
-                   "mthlib.deltas.save_delta", "mthlib.grpo.module.GRPOModule", "mthlib.analysis.update_sparsity"):
+                   "mthlib.deltas.save_delta", "mthlib.grpo.module.GRPOModule", "mthlib.analysis.update_sparsity",
+                   "mthlib.masking.SparseState", "mthlib.masking.compute_masks", "mthlib.grpo.objective.GRPOObjective"):
         assert f'id="{anchor}"' in html, f"API reference lacks {anchor}"
+
+
+def _table_cells(html: str) -> list[str]:
+    """The text of every table body cell of a page, in order."""
+    return re.findall(r"<td><p>(.*?)</p></td>", html)
+
+
+def test_site_includes_the_generated_result_tables(built_site: Path) -> None:
+    curve = generate.read_curve(DATA / "quickstart_curve")
+    cells = _table_cells((built_site / "quickstart.html").read_text(encoding="utf-8"))
+    flat = [cell for row in curve.rows for cell in row]
+    assert any(cells[i:i + len(flat)] == flat for i in range(len(cells))), "quickstart.html lacks the measured curve"
+    measuring = (built_site / "tutorials" / "measuring.html").read_text(encoding="utf-8")
+    assert "134,515,008 entries" in measuring and "210 matrices" in measuring
+    assert {"25.04", "88.01", "99.89", "99.44"} <= set(_table_cells(measuring))
+
+
+def test_fragments_show_the_committed_measurements(tmp_path: Path) -> None:
+    curve, results = (path.read_text(encoding="utf-8") for path in generate.write_fragments(DATA, tmp_path))
+    train_rows = (DATA / "quickstart_curve" / "metrics.csv").read_text(encoding="utf-8").count("\n") - 2
+    assert curve.count("   * - ") == 1 + train_rows == 13
+    for text in ("   * - 1\n     - 0.04\n     - 6%\n     - 0.03\n     - 22.6\n     - 8.7\n",
+                 "   * - 12\n     - 0.64\n     - 100%\n     - 0.44\n     - 14.3\n     - 5.0\n",
+                 "3 min 47 s wall", "peak RSS 2.6 GiB", "torch 2.13.0, transformers 5.23",
+                 "16 held-out prompts", "reward 0.79", "exact sorts 0%"):
+        assert text in curve, text
+    for text in ("2e-5", "from 6% to 88%", "134,515,008 entries", "   * - stored (fp32)\n     - 2.24\n",
+                 "     - 25.04\n   * - bf16\n     - 87.78\n", "88% of the entries",
+                 "``S.max() * max(M, N) * eps(float32)``), 210 matrices", "   * - mean rank %\n     - 99.89\n     - 99.76\n",
+                 "   mth analyze rank --base embedded --finetuned finetuned/ --out reports/full\n"):
+        assert text in results, text
+
+
+def test_fragments_render_the_tools_own_output(tmp_path: Path) -> None:
+    """A CSVLogger metrics.csv and ``mth analyze`` JSON reports, copied in unchanged, give the fragments."""
+    data = tmp_path / "data"
+    shutil.copytree(DATA, data)
+    logger = CSVLogger(tmp_path / "runs", name="quickstart")
+    for step in range(3):
+        logger.log_metrics({"loss": 0.1, "reward": 0.5 + step / 10, "rewards/format": step / 4, "rewards/similarity": 0.3,
+                            "timing/step_s": 20.0 + step, "timing/generation_s": 8.0}, step=step)
+    logger.log_metrics({"val/reward": 0.9, "val/format": 0.5, "val/accuracy": 0.25, "val/similarity": 0.7}, step=2)
+    logger.save()
+    shutil.copy(Path(logger.log_dir) / "metrics.csv", data / "quickstart_curve" / "metrics.csv")
+    sparsity = SparsityResult("embedded", "finetuned", [1e-8, 1e-5], ["stored", "bf16"], [
+        ParamSparsity("model.layers.0.self_attn.q_proj.weight", "0", "q", 1000, {"stored": [990, 900], "bf16": [120, 100]}),
+    ])
+    rank = RankResult("embedded", "finetuned", "rtol=max(M,N)*eps(float32)", [
+        MatrixRank("model.layers.0.self_attn.q_proj.weight", "0", "q", (4, 4), 3),
+        MatrixRank("model.layers.0.self_attn.k_proj.weight", "0", "k", (2, 4), 1),
+    ])
+    write_report(sparsity, data / "measuring_results", "sparsity")
+    write_report(rank, data / "measuring_results", "rank")
+
+    curve, results = (path.read_text(encoding="utf-8") for path in generate.write_fragments(data, tmp_path / "out"))
+    assert "   * - 3\n     - 0.70\n     - 50%\n     - 0.30\n     - 22.0\n     - 8.0\n" in curve
+    assert "reward 0.90, answer tag present\nin 50%, exact sorts 25%" in curve
+    assert "1,000 entries" in results and "2 matrices" in results
+    assert "     - tol 1e-8\n     - tol 1e-5\n   * - stored (fp32)\n     - 1.00\n     - 10.00\n" in results
+    assert "   * - bf16\n     - 88.00\n     - 90.00\n" in results and "90% of the entries" in results
+    assert "     - all\n     - q\n     - k\n   * - mean rank %\n     - 62.5\n     - 75\n     - 50\n" in results
+
+
+def test_readme_quickstart_table_agrees_with_the_data() -> None:
+    """README.md repeats the measured curve; every row and number there must match docs/data."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Quickstart: what it prints", 1)[1].split("\n## ", 1)[0]
+    table = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+             for line in section.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    curve = generate.read_curve(DATA / "quickstart_curve")
+    assert table[0] == generate.CURVE_HEADERS
+    assert table[1:] == curve.rows
+    m, ev = curve.measurement, curve.evaluation
+    for text in (f"{generate.duration(m['wall_s'])} wall", f"peak RSS {m['peak_rss_gib']} GiB", generate.versions(m),
+                 f"{m['eval_prompts']} held-out prompts", f"reward {ev['reward']}", f"tag present {ev['format']}",
+                 f"exact sorts {ev['accuracy']}"):
+        assert text in section, f"README's quickstart section lacks {text!r}"
+
+
+def test_generated_fragments_are_ignored_and_not_committed() -> None:
+    if shutil.which("git") is None or subprocess.run(
+        ["git", "rev-parse", "--is-inside-work-tree"], cwd=ROOT, capture_output=True
+    ).returncode != 0:
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files", "docs/_generated"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert tracked.stdout == "", f"generated fragments are committed:\n{tracked.stdout}"
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", "-q", "docs/_generated/quickstart_curve.rst"], cwd=ROOT)
+    assert ignored.returncode == 0, "docs/_generated/ is not in .gitignore"
 
 
 def test_include_if_exists_inserts_present_fragments_and_skips_missing(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ def test_task_two_leaves_every_task_one_entry_bitwise_unchanged(tmp_path):
     task1 = {n: p.detach().clone() for n, p in first.model.named_parameters()}
     second = train(str(tmp_path / "task1_model"), tmp_path / "t2",
                    build_mask("expander", sparsity=0.9, seed=1, exclude_mask=str(delta1)), "xyz")
-    mask_a, mask_b = Masks.load(delta1), second.masks
+    mask_a, mask_b = Masks.load(delta1), second.sparse_state.masks
     assert mask_a.overlap(mask_b)["o1"] < 0.10
     params = dict(second.model.named_parameters())
     for name, idx in mask_a.items():

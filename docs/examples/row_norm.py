@@ -1,11 +1,11 @@
 """An example mask strategy: train whole rows of the weight matrices with the largest norm."""
 
 from collections.abc import Iterable
-from typing import Literal
+from typing import Any, Literal
 
 from torch import nn
 
-from mthlib.masking import Allocation, Batch, Masks, MaskStrategy, register_mask
+from mthlib.masking import Batch, Masks, MaskStrategy, register_mask
 
 
 @register_mask("row_norm")
@@ -17,28 +17,17 @@ class RowNorm(MaskStrategy):
     reached by each selection (the whole model, or each tensor with ``per_tensor``) may
     be partly trained. Ties break by lower flat index. Keeps
     ``k = int(n * (1 - sparsity))`` entries. Cost: one pass over the weights, no
-    calibration batches.
+    calibration batches; ``seed`` has no effect (the rule has no randomness).
 
     Args:
-        sparsity: Fraction of eligible entries that stay frozen.
-        allocation: ``global`` top-k over the model, or ``per_tensor`` with the same
-            density in every tensor.
-        include: Name patterns of parameters that may be trained.
-        exclude: Name patterns removed after ``include``.
-        seed: Unused (the rule has no randomness); accepted like every strategy's.
         norm: ``l2`` or ``l1`` norm of each row.
+        **options: The options every strategy shares (``sparsity``, ``allocation``,
+            ``include``, ``exclude``, ``seed``, ...), documented on
+            :class:`~mthlib.masking.MaskStrategy`.
     """
 
-    def __init__(
-        self,
-        sparsity: float = 0.99,
-        allocation: Allocation = "global",
-        include: list[str] | None = None,
-        exclude: list[str] | None = None,
-        seed: int = 0,
-        norm: Literal["l1", "l2"] = "l2",
-    ) -> None:
-        super().__init__(sparsity, allocation=allocation, include=include, exclude=exclude, seed=seed)
+    def __init__(self, norm: Literal["l1", "l2"] = "l2", **options: Any) -> None:
+        super().__init__(**options)
         self.norm = norm
 
     def compute(self, model: nn.Module, batches: Iterable[Batch] | None) -> Masks:

@@ -87,6 +87,8 @@ class AlphabetSort(Environment):
             exactly; a small bonus gives a weak model a learning signal before it can sort.
     """
 
+    metrics = ("reward", "accuracy", "format", "similarity")
+
     def __init__(
         self,
         min_turns: int = 1,

@@ -6,7 +6,7 @@ import abc
 import hashlib
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,14 @@ class Episode:
 class Environment(abc.ABC):
     """Produces seeded episodes and scores the model's replies.
 
-    Subclasses implement :meth:`sample` and :meth:`score`. Episode ``i`` of stream
-    ``seed`` is a pure function of ``(seed, i)`` (see :meth:`episode`), so a training
-    run can resume at any position and an evaluation set is fixed by its seed.
+    Subclasses implement :meth:`sample` and :meth:`score`, and declare in :attr:`metrics`
+    the keys :meth:`score` returns. Episode ``i`` of stream ``seed`` is a pure function of
+    ``(seed, i)`` (see :meth:`episode`), so a training run can resume at any position and
+    an evaluation set is fixed by its seed.
     """
+
+    metrics: ClassVar[tuple[str, ...]] = ("reward",)
+    """The keys of every :meth:`score` result, ``reward`` first; evaluation logs each as ``val/<key>``."""
 
     @abc.abstractmethod
     def sample(self, rng: random.Random) -> Episode:

@@ -57,6 +57,8 @@ class JsonlEnv(Environment):
         system_prompt: Optional system message placed before every prompt.
     """
 
+    metrics = ("reward", "accuracy")
+
     def __init__(
         self,
         path: str,

@@ -1,8 +1,8 @@
 """Reward functions as pure functions of text: tag extraction, line normalisation, similarity.
 
 The alphabet-sort helpers reproduce the scoring of Kalomaze's Alphabetsort environment
-(verifiers ``environments/alphabet_sort``) rule for rule; see
-``shared/specs/alphabet_sort.md`` for the exact semantics they implement.
+(verifiers ``environments/alphabet_sort``) rule for rule; the documentation page
+"Environments" states the rules they implement.
 
 A reward used by :class:`~mthlib.envs.JsonlEnv` is any function ``(reply, answer) -> float``;
 :func:`resolve_reward` turns a name from a config file into such a function.

@@ -6,6 +6,7 @@ import copy
 import random
 import time
 from collections import defaultdict
+from dataclasses import fields, replace
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -15,25 +16,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
 from mthlib.checkpoints import FinalModel, SparseDeltaCheckpoint
-from mthlib.distributed import STRATEGY_NAME as DDP_SPARSE, SparseDDPStrategy, all_reduce_mean_, is_distributed
+from mthlib.distributed import STRATEGY_NAME as DDP_SPARSE, SparseDDPStrategy
 from mthlib.envs.base import Environment, Episode
-from mthlib.grpo.loss import (
-    LossType,
-    Normalizer,
-    ScaleRewards,
-    aggregate_loss,
-    clip_fractions,
-    clipped_surrogate,
-    group_advantages,
-    kl_to_reference,
-)
-from mthlib.grpo.rollout import Rollout, SamplingConfig, generate_rollout, token_logprobs
-from mthlib.masking import MaskCallback, MaskStrategy, SparseAdamW, gather_values, scatter_values, swapped_to_base
+from mthlib.grpo.loss import ImportanceSamplingLevel, LossType, Normalizer, ScaleRewards, mask_truncated, masked_mean
+from mthlib.grpo.gradients import clip_gradients, synchronise_gradients
+from mthlib.grpo.metrics import step_metrics
+from mthlib.grpo.objective import GRPOObjective, batch_advantages, batch_normalizer
+from mthlib.grpo.rollout import Rollout, SamplingConfig, generate_rollout, rollout_logprobs, token_logprobs
+from mthlib.masking import MaskCallback, MaskStrategy, SparseAdamW, SparseState
 from mthlib.fingerprint import model_fingerprint
 from mthlib.models import EMBEDDED, load_model
-
-EVAL_KEYS = ("reward", "accuracy", "format", "similarity")
-
 
 class GRPOModule(pl.LightningModule):
     """GRPO fine-tuning of a causal LM, optionally restricted to a sparse subnetwork.
@@ -63,15 +55,30 @@ class GRPOModule(pl.LightningModule):
         temperature: Sampling temperature.
         top_p: Nucleus sampling (1.0: off).
         top_k: Top-k sampling (0: off).
-        loss_type: ``grpo``, ``dr_grpo``, ``dapo`` (TRL's default) or ``bnpo``; see
-            :func:`~mthlib.grpo.loss.aggregate_loss`.
+        loss_type: ``grpo``, ``dr_grpo``, ``dapo`` (TRL's default), ``bnpo``, ``cispo`` (MiniMax-M1),
+            ``sapo`` (soft gate), ``luspo`` (length-unbiased GSPO) or ``vespo`` (gamma-weighted
+            sequence ratios); see :func:`~mthlib.grpo.loss.aggregate_loss` and
+            :class:`~mthlib.grpo.objective.GRPOObjective`.
         scale_rewards: ``group``, ``batch`` or ``none``; see :func:`~mthlib.grpo.loss.group_advantages`.
         epsilon: Lower clip range.
-        epsilon_high: Upper clip range (``None``: same as ``epsilon``).
+        epsilon_high: Upper clip range (``None``: same as ``epsilon``); with ``loss_type="cispo"``
+            the cap of the ratio itself (ScaleRL recommends 5.0).
+        delta: Cap of the unclipped ratio, two-sided clipping (INTELLECT-2); ``None``: off.
         num_iterations: Optimiser steps per rollout batch (μ in the GRPO paper).
         beta: KL coefficient towards the base model. 0 keeps no reference; with a mask the
             reference is the base reached by swapping the active entries, never a copy.
-        mask_truncated_completions: Exclude completions cut at ``max_completion_length`` from the loss.
+        use_bias_correction_kl: Multiply the per-token KL by the importance ratio, the unbiased
+            reverse-KL gradient of DeepSeek-V3.2 (changes the gradient even on-policy; only with ``beta > 0``).
+        importance_sampling_level: ``token`` ratios, or one ``sequence`` ratio per completion
+            (GSPO; ``luspo`` is meant for it).
+        sapo_temperature_pos: SAPO gate temperature for positive advantages.
+        sapo_temperature_neg: SAPO gate temperature for zero and negative advantages.
+        vespo_k_pos: VESPO exponent for advantages >= 0 (how fast ratios below 1 are down-weighted).
+        vespo_lambda_pos: VESPO decay for advantages >= 0 (how fast ratios above 1 are down-weighted).
+        vespo_k_neg: VESPO exponent for negative advantages.
+        vespo_lambda_neg: VESPO decay for negative advantages.
+        mask_truncated_completions: Exclude completions cut at ``max_completion_length`` from the loss
+            and from the token count of ``dapo``.
         micro_batch_size: Completions per forward/backward pass (gradient accumulation inside a step).
         logprob_chunk_size: Tokens per chunk of output-projection logits.
         gradient_checkpointing: Recompute each decoder layer's activations in backward instead of
@@ -104,8 +111,17 @@ class GRPOModule(pl.LightningModule):
         scale_rewards: ScaleRewards = "group",
         epsilon: float = 0.2,
         epsilon_high: float | None = None,
+        delta: float | None = None,
         num_iterations: int = 1,
         beta: float = 0.0,
+        use_bias_correction_kl: bool = True,
+        importance_sampling_level: ImportanceSamplingLevel = "token",
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
         mask_truncated_completions: bool = False,
         micro_batch_size: int = 8,
         logprob_chunk_size: int = 1024,
@@ -123,39 +139,50 @@ class GRPOModule(pl.LightningModule):
             raise ValueError("micro_batch_size and num_iterations must be >= 1")
         self.save_hyperparameters(ignore=["mask"])
         self.hparams["mask"] = mask.config() if mask is not None else None
+        self._objective()  # a bad loss option fails here, before the model loads
         self.automatic_optimization = False
         self.model, self.tokenizer = load_model(model_name_or_path, dtype)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.mask_strategy = mask
-        self.masks = None
-        self.base_values = None
+        self.base_fingerprint = model_fingerprint(self.model)
+        self.mask_callback = None if mask is None else MaskCallback(
+            mask, verify_every=verify_every, calibration_batch_size=calibration_batch_size, save_base_values=False
+        )
         self.reference = None
         self.prompts_seen = 0
         self._pending_values: dict[str, torch.Tensor] | None = None
         self._pending_rng: dict[str, Any] | None = None
-        model_fingerprint(self.model)
         self.sampling = SamplingConfig(max_completion_length, temperature, top_p, top_k)
         self.eval_sampling = SamplingConfig(
             eval_max_completion_length or max_completion_length, temperature, top_p, top_k, greedy=True
         )
-        self.val_metrics = torch.nn.ModuleDict({key: MeanMetric() for key in EVAL_KEYS})
+        self.val_metrics = torch.nn.ModuleDict()
 
     # -- Lightning wiring -------------------------------------------------------------------
     def configure_callbacks(self) -> list[pl.Callback]:
-        if self.mask_strategy is None:
+        if self.mask_callback is None:
             return [FinalModel()]
         return [
-            MaskCallback(
-                self.mask_strategy, verify_every=self.hparams.verify_every,
-                calibration_batch_size=self.hparams.calibration_batch_size,
+            self.mask_callback,
+            SparseDeltaCheckpoint(
+                self.mask_callback, base_model=self.hparams.model_name_or_path,
+                every_n_steps=self.hparams.delta_every_n_steps, keep_last=self.hparams.delta_keep_last,
             ),
-            SparseDeltaCheckpoint(every_n_steps=self.hparams.delta_every_n_steps, keep_last=self.hparams.delta_keep_last),
         ]
 
+    @property
+    def sparse_state(self) -> SparseState | None:
+        """The run's sparse state (owned by the mask callback), once computed or restored; ``None`` for dense runs."""
+        return None if self.mask_callback is None else self.mask_callback.state
+
     def setup(self, stage: str) -> None:
+        """Check the training strategy; one evaluation metric per key the environment declares (``env.metrics``)."""
         if stage == "fit":
             self.check_strategy(self.trainer.strategy)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "env"):
+            self.val_metrics = torch.nn.ModuleDict({key: MeanMetric() for key in self.env.metrics})
 
     def check_strategy(self, strategy: pl.strategies.Strategy) -> None:
         """Refuse a training strategy that cannot train this module.
@@ -171,9 +198,9 @@ class GRPOModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
-        if self.masks is not None:
+        if self.mask_callback is not None:
             optimizer = SparseAdamW(
-                self.model, self.masks, lr=h.learning_rate, betas=tuple(h.adam_betas),
+                self.mask_callback.prepare(self.trainer, self), lr=h.learning_rate, betas=tuple(h.adam_betas),
                 eps=h.adam_epsilon, weight_decay=h.weight_decay,
             )
         else:
@@ -188,9 +215,9 @@ class GRPOModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         self.model.train()
         if self._pending_values is not None:
-            scatter_values(self.model, self.masks, self._pending_values)
+            self.sparse_state.load_trained_values(self._pending_values)
             self._pending_values = None
-        if self.hparams.beta > 0 and self.masks is None and self.reference is None:
+        if self.hparams.beta > 0 and self.mask_callback is None and self.reference is None:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
 
     def on_train_batch_start(self, batch: list[Episode], batch_idx: int) -> None:
@@ -206,20 +233,18 @@ class GRPOModule(pl.LightningModule):
             "prompts_seen": self.prompts_seen,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
             "base_model": self.hparams.model_name_or_path,
-            "base_fingerprint": model_fingerprint(self.model),
+            "base_fingerprint": self.base_fingerprint,
         }
-        if self.masks is not None:
+        if self.sparse_state is not None:
             checkpoint["state_dict"] = {}
-            state["trained_values"] = gather_values(self.model, self.masks)
-            for callback_state in checkpoint.get("callbacks", {}).values():
-                callback_state.pop("base_values", None)  # the base is reloaded and fingerprint-checked
+            state["trained_values"] = self.sparse_state.trained_values()
         checkpoint["mthlib"] = state
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("mthlib")
         if state is None:
             return
-        ours = model_fingerprint(self.model)
+        ours = self.base_fingerprint
         if "trained_values" in state:
             if state["base_fingerprint"] != ours:
                 raise ValueError(
@@ -248,24 +273,29 @@ class GRPOModule(pl.LightningModule):
         start = time.perf_counter()
         self.prompts_seen += len(batch)
         episodes = [ep for ep in batch for _ in range(h.num_generations)]
-        rollout = generate_rollout(self.model, self.tokenizer, episodes, self.sampling)
-        rollout = _to_device(rollout, self.device)
+        rollout = generate_rollout(self.model, self.tokenizer, episodes, self.sampling).to(self.device)
         generation_time = time.perf_counter() - start
         scores = [self.env.score(ep, replies) for ep, replies in zip(episodes, rollout.replies)]
         rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32, device=self.device)
-        advantages = group_advantages(rewards, h.num_generations, h.scale_rewards)
+        advantages = batch_advantages(rewards, h.num_generations, h.scale_rewards)
         if h.mask_truncated_completions:
-            rollout.loss_mask = rollout.loss_mask * (~rollout.truncated).long().unsqueeze(1)
-        norm = Normalizer(len(rollout), int(rollout.loss_mask.sum()), h.max_completion_length)
+            rollout = replace(rollout, loss_mask=mask_truncated(rollout.loss_mask, rollout.truncated))
+        norm = batch_normalizer(rollout.loss_mask, h.max_completion_length)
         old_logps = self._logps_no_grad(rollout, self.model) if h.num_iterations > 1 else None
         ref_logps = self._reference_logps(rollout) if h.beta > 0 else None
+        objective = self._objective()
         stats: dict[str, list[torch.Tensor]] = defaultdict(list)
         for _ in range(h.num_iterations):
-            self._optimise(rollout, advantages, old_logps, ref_logps, norm, stats)
+            self._optimise(objective, rollout, advantages, old_logps, ref_logps, norm, stats)
         self._log_step(rewards, scores, rollout, stats, generation_time, time.perf_counter() - start)
+
+    def _objective(self) -> GRPOObjective:
+        """The GRPO loss configured by this module's loss options (the hyperparameters of the same names)."""
+        return GRPOObjective(**{option.name: self.hparams[option.name] for option in fields(GRPOObjective)})
 
     def _optimise(
         self,
+        objective: GRPOObjective,
         rollout: Rollout,
         advantages: torch.Tensor,
         old_logps: torch.Tensor | None,
@@ -273,72 +303,45 @@ class GRPOModule(pl.LightningModule):
         norm: Normalizer,
         stats: dict[str, list[torch.Tensor]],
     ) -> None:
+        """One optimiser step on the whole rollout batch: micro-batch gradients add up to the batch loss's.
+
+        ``old_logps`` is ``None`` on-policy (the current log-probabilities, detached, stand in).
+        """
         h = self.hparams
         optimizer = self.optimizers()
-        epsilon_high = h.epsilon if h.epsilon_high is None else h.epsilon_high
         self.model.train()
+        step_loss = torch.zeros((), device=self.device)
         for first in range(0, len(rollout), h.micro_batch_size):
             rows = slice(first, first + h.micro_batch_size)
             part = rollout.select(rows)
-            mask = part.loss_mask
             logps, entropy = token_logprobs(
-                self.model, part.input_ids, part.attention_mask, mask, h.temperature, h.logprob_chunk_size
+                self.model, part.input_ids, part.attention_mask, part.loss_mask, h.temperature, h.logprob_chunk_size
             )
-            old = logps.detach() if old_logps is None else old_logps[rows, : logps.shape[1]]
-            per_token, ratio = clipped_surrogate(logps, old, advantages[rows], h.epsilon, epsilon_high)
-            if ref_logps is not None:
-                kl = kl_to_reference(logps, ref_logps[rows, : logps.shape[1]])
-                per_token = per_token + h.beta * kl
-                stats["kl"].append(_masked_mean(kl.detach(), mask))
-            loss = aggregate_loss(per_token, mask, h.loss_type, norm)
-            self.manual_backward(loss)
-            stats["loss"].append(loss.detach())
-            stats["entropy"].append(_masked_mean(entropy, mask))
-            for key, value in clip_fractions(ratio, advantages[rows], mask, h.epsilon, epsilon_high).items():
+            width = logps.shape[1]
+            old = logps.detach() if old_logps is None else old_logps[rows, :width]
+            ref = None if ref_logps is None else ref_logps[rows, :width]
+            loss, metrics = objective.loss(logps, old, advantages[rows], part.loss_mask, norm, ref)
+            if loss.requires_grad:  # no loss token (all truncated and masked): no graph, and nothing to add
+                self.manual_backward(loss)
+            step_loss += loss.detach()
+            stats["entropy"].append(masked_mean(entropy, part.loss_mask))
+            for key, value in metrics.items():
                 stats[key].append(value)
-        self._synchronise_gradients(optimizer.optimizer)
-        stats["grad_norm"].append(self._clip_gradients(optimizer.optimizer))
+        stats["loss"].append(step_loss)
+        wrapped = isinstance(self.trainer.strategy.model, DistributedDataParallel)
+        synchronise_gradients(self.model, optimizer.optimizer, reduced_by_ddp=wrapped)
+        stats["grad_norm"].append(clip_gradients(self.model, optimizer.optimizer, self.hparams.max_grad_norm))
         optimizer.step()
         optimizer.zero_grad()
         self.lr_schedulers().step()
 
-    def _synchronise_gradients(self, optimizer: torch.optim.Optimizer) -> None:
-        """Average gradients over processes unless DistributedDataParallel already did (dense runs under ``ddp``)."""
-        if not is_distributed() or isinstance(self.trainer.strategy.model, DistributedDataParallel):
-            return
-        if isinstance(optimizer, SparseAdamW):
-            optimizer.all_reduce_gradients()
-            return
-        for param in self.model.parameters():
-            if param.requires_grad and param.grad is None:
-                param.grad = torch.zeros_like(param)
-        all_reduce_mean_(p.grad for p in self.model.parameters() if p.grad is not None)
-
-    def _clip_gradients(self, optimizer: torch.optim.Optimizer) -> torch.Tensor:
-        max_norm = self.hparams.max_grad_norm or float("inf")
-        if isinstance(optimizer, SparseAdamW):
-            return optimizer.clip_grad_norm_(max_norm)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if not params:
-            return torch.zeros(())
-        return torch.nn.utils.clip_grad_norm_(params, max_norm)
-
-    @torch.no_grad()
     def _logps_no_grad(self, rollout: Rollout, model: torch.nn.Module) -> torch.Tensor:
         h = self.hparams
-        parts = []
-        width = rollout.input_ids.shape[1]
-        for first in range(0, len(rollout), h.micro_batch_size):
-            part = rollout.select(slice(first, first + h.micro_batch_size))
-            logps, _ = token_logprobs(
-                model, part.input_ids, part.attention_mask, part.loss_mask, h.temperature, h.logprob_chunk_size
-            )
-            parts.append(torch.nn.functional.pad(logps, (0, width - logps.shape[1])))
-        return torch.cat(parts)
+        return rollout_logprobs(model, rollout, h.micro_batch_size, h.temperature, h.logprob_chunk_size)
 
     def _reference_logps(self, rollout: Rollout) -> torch.Tensor:
-        if self.masks is not None:
-            with swapped_to_base(self.model, self.masks, self.base_values):
+        if self.sparse_state is not None:
+            with self.sparse_state.swapped_to_base():
                 return self._logps_no_grad(rollout, self.model)
         return self._logps_no_grad(rollout, self.reference)
 
@@ -351,22 +354,11 @@ class GRPOModule(pl.LightningModule):
         generation_time: float,
         step_time: float,
     ) -> None:
-        g = self.hparams.num_generations
-        grouped = rewards.view(-1, g)
+        learning_rate = self.optimizers().optimizer.param_groups[0]["lr"]
+        metrics = step_metrics(
+            rewards, scores, rollout, self.hparams.num_generations, generation_time, step_time, learning_rate
+        )
         lengths = rollout.completion_lengths.float()
-        metrics = {
-            "reward_std": grouped.std(dim=1).mean(),
-            "frac_reward_zero_std": (grouped.std(dim=1) < 1e-6).float().mean(),
-            "completions/mean_length": lengths.mean(),
-            "completions/clipped_ratio": rollout.truncated.float().mean(),
-            "tokens_per_second": lengths.sum() / max(generation_time, 1e-9),
-            "timing/generation_s": torch.tensor(generation_time),
-            "timing/step_s": torch.tensor(step_time),
-            "learning_rate": torch.tensor(self.optimizers().optimizer.param_groups[0]["lr"]),
-        }
-        for key in scores[0]:
-            if key != "reward":
-                metrics[f"rewards/{key}"] = torch.tensor(sum(s[key] for s in scores) / len(scores))
         metrics.update({key: torch.stack(values).float().mean() for key, values in stats.items()})
         self.log("reward", rewards.mean(), prog_bar=True, batch_size=len(rewards), sync_dist=True)
         self.log_dict({k: v.float() for k, v in metrics.items()}, batch_size=len(rewards), sync_dist=True)
@@ -384,9 +376,13 @@ class GRPOModule(pl.LightningModule):
         rollout = generate_rollout(self.model, self.tokenizer, batch, self.eval_sampling)
         for episode, replies in zip(batch, rollout.replies):
             score = self.env.score(episode, replies)
-            for key in EVAL_KEYS:
-                if key in score:
-                    self.val_metrics[key].update(score[key])
+            missing = [key for key in self.val_metrics if key not in score]
+            if missing:
+                raise ValueError(
+                    f"{type(self.env).__name__}.score returned {sorted(score)}, without the declared metrics {missing}"
+                )
+            for key, metric in self.val_metrics.items():
+                metric.update(score[key])
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
@@ -399,16 +395,3 @@ class GRPOModule(pl.LightningModule):
             if metric.update_count:
                 self.log(f"{stage}/{key}", metric.compute(), prog_bar=key == "reward")
             metric.reset()
-
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1)
-
-
-def _to_device(rollout: Rollout, device: torch.device) -> Rollout:
-    rollout.input_ids = rollout.input_ids.to(device)
-    rollout.attention_mask = rollout.attention_mask.to(device)
-    rollout.loss_mask = rollout.loss_mask.to(device)
-    rollout.truncated = rollout.truncated.to(device)
-    return rollout

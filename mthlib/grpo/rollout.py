@@ -9,7 +9,7 @@ whole batch are never held in memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +60,13 @@ class Rollout:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    def to(self, device: torch.device) -> Rollout:
+        """The same rollout with its tensors on ``device``."""
+        return replace(
+            self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
+            loss_mask=self.loss_mask.to(device), truncated=self.truncated.to(device),
+        )
 
     def select(self, rows: slice) -> Rollout:
         """Rows ``rows`` with padding columns that no selected row uses dropped."""
@@ -246,3 +253,21 @@ def token_logprobs(
         logps = logps.masked_scatter(wanted, torch.cat(pieces))
         ent = ent.masked_scatter(wanted, torch.cat(entropies))
     return F.pad(logps, (1, 0)), F.pad(ent, (1, 0))
+
+
+@torch.no_grad()
+def rollout_logprobs(
+    model: PreTrainedModel, rollout: Rollout, micro_batch_size: int, temperature: float = 1.0, chunk_size: int = 1024
+) -> torch.Tensor:
+    """``(N, T)`` log-probabilities of the sampled tokens of the whole rollout, without gradients.
+
+    Computed ``micro_batch_size`` rows at a time (each padded back to the rollout's width);
+    e.g. the sampling policy's log-probabilities for ``num_iterations > 1``, or a reference's.
+    """
+    parts = []
+    width = rollout.input_ids.shape[1]
+    for first in range(0, len(rollout), micro_batch_size):
+        part = rollout.select(slice(first, first + micro_batch_size))
+        logps, _ = token_logprobs(model, part.input_ids, part.attention_mask, part.loss_mask, temperature, chunk_size)
+        parts.append(F.pad(logps, (0, width - logps.shape[1])))
+    return torch.cat(parts)

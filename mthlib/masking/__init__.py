@@ -1,14 +1,18 @@
-"""Sparse training: mask strategies, the :class:`Masks` container, SparseAdamW and the mask callback.
+"""Sparse training: mask strategies, the :class:`Masks` container, the run's :class:`SparseState`, SparseAdamW and the mask callback.
 
 A strategy (:class:`MaskStrategy`, registered with :func:`register_mask`) chooses which
-entries of which parameters are trainable; :class:`SparseAdamW` updates only those;
-:class:`MaskCallback` wires both into a Lightning run and proves the frozen entries never move.
+entries of which parameters are trainable (:func:`compute_masks`); a :class:`SparseState`
+records the base and, attached to the model, gathers the gradients of those entries;
+:class:`SparseAdamW` updates only them; :class:`MaskCallback` wires all of it into a
+Lightning run and proves the frozen entries never move.
 """
 
-from mthlib.masking.base import Allocation, Batch, MaskStrategy, ScoreFn, parameter_kinds
+from mthlib.masking.calibration import Batch, calibration_batches, compute_masks, gradient_sums
 from mthlib.masking.callback import MaskCallback
+from mthlib.masking.gradients import ActiveGradients
+from mthlib.masking.layers import ActiveEntryLinear
 from mthlib.masking.masks import Masks
-from mthlib.masking.optim import SparseAdamW, gathering_paused
+from mthlib.masking.optim import SparseAdamW
 from mthlib.masking.registry import (
     available_masks,
     build_mask,
@@ -17,9 +21,14 @@ from mthlib.masking.registry import (
     mask_summaries,
     register_mask,
 )
+from mthlib.masking.state import SparseState
+from mthlib.masking.kinds import parameter_kinds
+from mthlib.masking.strategy import Allocation, MaskStrategy, ScoreFn
 from mthlib.masking.swap import base_view, frozen_digests, gather_values, scatter_values, swapped_to_base
 
 __all__ = [
+    "ActiveEntryLinear",
+    "ActiveGradients",
     "Allocation",
     "Batch",
     "MaskCallback",
@@ -27,13 +36,16 @@ __all__ = [
     "Masks",
     "ScoreFn",
     "SparseAdamW",
+    "SparseState",
     "available_masks",
     "base_view",
     "build_mask",
+    "calibration_batches",
+    "compute_masks",
     "frozen_digests",
     "gather_values",
-    "gathering_paused",
     "get_mask_class",
+    "gradient_sums",
     "load_short_names",
     "mask_summaries",
     "parameter_kinds",

@@ -1,76 +1,80 @@
-"""MaskCallback: choose the mask before training, prove the frozen entries never move, resume exactly.
+"""MaskCallback: create the run's :class:`~mthlib.masking.SparseState`, prove the frozen entries never move, resume exactly.
 
 Contract with the LightningModule: it holds the causal LM as ``pl_module.model`` (and its
-tokenizer as ``pl_module.tokenizer`` when the strategy needs calibration), has the
-attributes ``masks`` and ``base_values`` (the callback sets both), and in
-``configure_optimizers`` builds :class:`~mthlib.masking.SparseAdamW` from
-``self.model`` and ``self.masks``. A strategy that needs calibration asks the data
-module for ``calibration_batches(tokenizer, num_samples=..., batch_size=..., seed=...)``.
+tokenizer as ``pl_module.tokenizer`` when the strategy needs calibration), may hold its
+base fingerprint as ``pl_module.base_fingerprint`` (saves hashing the model again), and in
+``configure_optimizers`` asks the callback for the state and builds the optimizer on it::
 
-Ordering (Lightning 2.6, ``Trainer._run``): ``Callback.setup`` → restore of module
-weights and callback states (``load_state_dict``, when resuming) → ``Strategy.setup``
-(model to device, then ``configure_optimizers``) → ``on_fit_start`` → optimizer state
-restore. ``trainer.ckpt_path`` is only set once restoring starts, i.e. *after*
-``setup``, so ``setup`` cannot tell a fresh run from a resumed one. The callback
-therefore chooses the mask at the last possible moment: for the duration of the fit it
-wraps ``pl_module.configure_optimizers`` so that, unless ``load_state_dict`` restored a
-mask, the strategy runs right before the optimizer is built (the model is already on
-its device then, so calibration runs on the accelerator). A restored mask is never
-recomputed.
+    def configure_optimizers(self):
+        state = self.mask_callback.prepare(self.trainer, self)
+        return SparseAdamW(state, lr=1e-4)
+
+A strategy that needs calibration gets its batches from the data module's
+``calibration_batches(tokenizer, num_samples=..., batch_size=..., seed=...)`` through
+:func:`~mthlib.masking.compute_masks`, the function ``mth masks build`` uses too.
+
+Why ``configure_optimizers``: Lightning 2.6 restores callback states (``load_state_dict``)
+after ``Callback.setup`` and before ``Strategy.setup`` builds the optimizer, and
+``trainer.ckpt_path`` is only known once restoring starts. So only when the optimizer is
+built does the callback know whether a checkpoint gave it a state; otherwise it computes
+the mask then (the model is on its device already, so calibration runs on the accelerator).
+A restored mask is never recomputed.
 """
 
 from __future__ import annotations
 
-import functools
-import itertools
 import json
-import math
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import Callback
 
-from mthlib.fingerprint import CACHE_ATTR, model_fingerprint
-from mthlib.masking.base import MaskStrategy
-from mthlib.masking.masks import Masks, index_dtype, locate
+from mthlib.fingerprint import model_fingerprint
+from mthlib.masking.calibration import calibration_batches, compute_masks
 from mthlib.masking.optim import SparseAdamW
-from mthlib.masking.swap import frozen_digests, gather_values
+from mthlib.masking.state import SparseState
+from mthlib.masking.strategy import MaskStrategy
 
 
 class MaskCallback(Callback):
     """Compute, enforce, verify, update and checkpoint the mask of a sparse fine-tune.
 
-    * Fresh run: the strategy chooses the masks; their base values, the base model
-      fingerprint (:func:`~mthlib.fingerprint.model_fingerprint`, cached on the model) and
-      a SHA-256 digest of every parameter are recorded.
-    * Every ``verify_every`` optimizer steps and at the end of training, each parameter
-      is hashed with its active entries set back to their base values; a digest that
-      differs from the recorded one raises :class:`RuntimeError` naming the tensor.
+    * Fresh run: the strategy chooses the masks (:func:`~mthlib.masking.compute_masks`) and
+      :meth:`SparseState.capture` records their base values, the base fingerprint and a
+      digest of every parameter.
+    * The state is attached to the model while the fit runs (masked layers, gradient hooks)
+      and detached when it ends or fails, so nothing of the run stays on the model.
+    * Every ``verify_every`` optimizer steps and at the end of training,
+      :meth:`SparseState.verify` proves the frozen entries unchanged (bitwise).
     * Dynamic strategies: every ``strategy.update_every`` steps ``strategy.update`` gets
-      the masks, the model, the step and the optimizer's sparse gradients. Entries it
-      drops return to their base values (so everything outside the mask stays the base,
-      bitwise); entries it grows start from their base values; the optimizer keeps the
-      moments of kept entries (:meth:`~mthlib.masking.SparseAdamW.set_masks`).
+      the masks, the model, the step, the optimizer's sparse gradients and fresh
+      calibration batches (run inside :meth:`SparseState.calibrating`);
+      :meth:`SparseState.replace_masks` returns dropped entries to base and
+      :meth:`SparseAdamW.remap` keeps the moments of kept entries.
     * Several processes (``ddp_sparse``): the ranks must hold the same base (fingerprints
-      compared), calibration batches are dealt out over ranks (the strategy's gradient
-      passes all-reduce their sums), and every mask, initial or updated, is broadcast
+      compared), calibration batches are dealt out over ranks, and every mask is broadcast
       from rank zero, so all ranks train the same entries.
-    * Logs ``mask/trainable_count`` and ``mask/trainable_fraction`` (active entries over
-      all parameters of the model, tied ones once) every training batch.
-    * The checkpoint holds the strategy config, the fingerprint, the digests, the step of
-      the last update, the indices (int32) and the base values (a module that reloads its base
-      instead of checkpointing dense weights may drop them: they are then read back from the
-      freshly loaded base); resuming restores them
-      and refuses a different strategy config or a model whose frozen part differs.
+    * Logs ``mask/trainable_count`` and ``mask/trainable_fraction`` every training batch.
+    * Checkpoints :meth:`SparseState.state_dict` with the strategy config; resuming refuses
+      a different strategy config or a model whose frozen part differs.
 
     Args:
         strategy: The mask strategy.
         verify_every: Optimizer steps between two verifications (0: only at the end).
         calibration_batch_size: Sequences per calibration batch.
+        save_base_values: Checkpoint the base values of the active entries. A module that
+            reloads its base from its source instead of checkpointing dense weights (as
+            :class:`~mthlib.grpo.GRPOModule` does) can leave them out: they are then read
+            back from the freshly loaded base, whose frozen digests are checked first.
     """
 
-    def __init__(self, strategy: MaskStrategy, verify_every: int = 50, calibration_batch_size: int = 8) -> None:
+    def __init__(
+        self,
+        strategy: MaskStrategy,
+        verify_every: int = 50,
+        calibration_batch_size: int = 8,
+        save_base_values: bool = True,
+    ) -> None:
         if verify_every < 0 or calibration_batch_size < 1:
             raise ValueError(
                 f"verify_every must be >= 0 and calibration_batch_size >= 1; got {verify_every}, {calibration_batch_size}"
@@ -78,12 +82,11 @@ class MaskCallback(Callback):
         self.strategy = strategy
         self.verify_every = verify_every
         self.calibration_batch_size = calibration_batch_size
-        self.masks: Masks | None = None
-        self.base_values: dict[str, torch.Tensor] = {}
-        self.base_fingerprint = ""
-        self.digests: dict[str, str] = {}
-        self.last_update_step = 0
+        self.save_base_values = save_base_values
+        self.state: SparseState | None = None
+        """The run's sparse state, once computed or restored."""
         self._module: pl.LightningModule | None = None
+        self._restored: dict[str, Any] | None = None
         self._last_seen_step = -1
         self._model_numel = 0
 
@@ -97,110 +100,55 @@ class MaskCallback(Callback):
 
     # -- choosing the mask ------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        self._module = pl_module
-        if self.masks is not None:
-            self._apply(pl_module)
-        _unwrap(pl_module)
-        original = pl_module.configure_optimizers
+        if stage == "fit":
+            self._module = pl_module
 
-        @functools.wraps(original)
-        def configure_optimizers() -> Any:
-            self.prepare(trainer, pl_module)
-            return original()
-
-        pl_module.configure_optimizers = configure_optimizers
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        _unwrap(pl_module)
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        _unwrap(pl_module)
-
-    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Masks:
-        """Compute the masks unless they exist (restored or computed before), and publish them on the module."""
-        if self.masks is None:
-            self._compute(trainer, pl_module)
-        self._apply(pl_module)
-        return self.masks
-
-    def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def prepare(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SparseState:
+        """The run's state, attached to ``pl_module.model``: restored from the checkpoint, or computed now."""
         model = pl_module.model
-        fingerprint = model_fingerprint(model)
+        if self.state is None:
+            self.state = self._restore(model) if self._restored is not None else self._compute(trainer, pl_module)
+        if not self.state.attached:
+            self.state.attach(model)
+        self._model_numel = sum(p.numel() for p in model.parameters())
+        return self.state
+
+    def _compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> SparseState:
+        model = pl_module.model
+        fingerprint = getattr(pl_module, "base_fingerprint", None) or model_fingerprint(model)
         if not trainer.strategy.reduce_boolean_decision(fingerprint == trainer.strategy.broadcast(fingerprint), all=True):
             raise RuntimeError(
                 f"the processes loaded different base models (rank {trainer.global_rank}: fingerprint {fingerprint}); "
                 "every rank must train the same base"
             )
-        batches = self._calibration(trainer, pl_module)
-        masks = trainer.strategy.broadcast(self.strategy.compute(model, batches), src=0)
-        self.masks = masks
-        self.base_values = gather_values(model, masks)
-        self.base_fingerprint = fingerprint
-        self.digests = dict(frozen_digests(model, masks, self.base_values))
-        self.last_update_step = 0
-
-    def _calibration(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        """Calibration batches from the data module when the strategy needs them, else ``None``.
-
-        With several processes, each gets every ``world_size``-th batch starting at its rank
-        (the strategy's gradient passes sum the statistics over processes).
-        """
-        if not self.strategy.needs_calibration:
-            return None
-        make = getattr(trainer.datamodule, "calibration_batches", None)
-        if make is None:
-            raise RuntimeError(
-                f"mask strategy {self.strategy.name!r} needs calibration batches: the data module must define "
-                "calibration_batches(tokenizer, num_samples, batch_size, seed)"
-            )
-        batches = make(
-            getattr(pl_module, "tokenizer", None), num_samples=self.strategy.num_samples,
-            batch_size=self.calibration_batch_size, seed=self.strategy.seed,
+        masks = compute_masks(
+            self.strategy, model, trainer.datamodule, getattr(pl_module, "tokenizer", None),
+            self.calibration_batch_size, trainer.global_rank, trainer.world_size,
         )
-        return itertools.islice(batches, trainer.global_rank, None, trainer.world_size)
+        return SparseState.capture(model, trainer.strategy.broadcast(masks, src=0), fingerprint)
 
-    def _apply(self, pl_module: pl.LightningModule) -> None:
-        model = pl_module.model
-        if not self.base_values:
-            self.base_values = gather_values(model, self.masks)
-        params = dict(model.named_parameters())
-        self.base_values = {n: v.to(params[n].device) for n, v in self.base_values.items()}
-        pl_module.masks = self.masks
-        pl_module.base_values = self.base_values
-        setattr(model, CACHE_ATTR, self.base_fingerprint)
-        self._model_numel = sum(p.numel() for p in params.values())
+    def _restore(self, model: Any) -> SparseState:
+        state = SparseState.from_state_dict(self._restored, model)
+        self._restored = None
+        return state
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.prepare(trainer, pl_module)
-        if not any(isinstance(opt, SparseAdamW) for opt in trainer.optimizers):
+        if not any(isinstance(opt, SparseAdamW) and opt.sparse_state is self.state for opt in trainer.optimizers):
             built = ", ".join(type(opt).__name__ for opt in trainer.optimizers) or "none"
             raise RuntimeError(
-                "MaskCallback needs the LightningModule to build mthlib.masking.SparseAdamW(self.model, self.masks, ...) "
-                f"in configure_optimizers; it built: {built}"
+                "MaskCallback needs the LightningModule to build mthlib.masking.SparseAdamW(callback.prepare(trainer, "
+                f"module), ...) in configure_optimizers; it built: {built}"
             )
 
-    # -- verification -----------------------------------------------------------------------
-    def verify(self, model: torch.nn.Module, step: int | None = None) -> None:
-        """Check that every entry outside the mask still holds its base value (bitwise).
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.state is not None:
+            self.state.detach()
 
-        Raises:
-            RuntimeError: The first parameter (by name) whose frozen entries changed.
-        """
-        seen = set()
-        for name, digest in frozen_digests(model, self.masks, self.base_values):
-            seen.add(name)
-            expected = self.digests.get(name)
-            if digest != expected:
-                where = f" at step {step}" if step is not None else ""
-                raise RuntimeError(
-                    f"frozen entries of {name} differ from the base model{where}: digest {digest} != recorded {expected}"
-                )
-        missing = sorted(set(self.digests) - seen)
-        if missing:
-            raise RuntimeError(f"parameters recorded at the start are gone from the model: {', '.join(missing[:5])}")
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self.state is not None:
+            self.state.detach()
 
+    # -- verification and dynamic masks ------------------------------------------------------
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -208,67 +156,40 @@ class MaskCallback(Callback):
         if step != self._last_seen_step:
             self._last_seen_step = step
             if self.verify_every and step % self.verify_every == 0:
-                self.verify(pl_module.model, step)
+                self.state.verify(step)
             every = self.strategy.update_every
-            if self.strategy.dynamic and every > 0 and step > self.last_update_step and step % every == 0:
+            if self.strategy.dynamic and every > 0 and step > self.state.last_update_step and step % every == 0:
                 self._update(trainer, pl_module, step)
-        total = self.masks.total
+        total = self.state.masks.total
         pl_module.log("mask/trainable_count", float(total), batch_size=1)
         pl_module.log("mask/trainable_fraction", total / max(self._model_numel, 1), batch_size=1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.verify(pl_module.model, trainer.global_step)
+        self.state.verify(trainer.global_step)
 
-    # -- dynamic masks ----------------------------------------------------------------------
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
         optimizer = next(opt for opt in trainer.optimizers if isinstance(opt, SparseAdamW))
-        old = self.masks
-        new = self.strategy.update(
-            old, pl_module.model, step, optimizer.sparse_grads or None, self.base_values,
-            self._calibration(trainer, pl_module),
+        state, old = self.state, self.state.masks
+        batches = calibration_batches(
+            self.strategy, trainer.datamodule, getattr(pl_module, "tokenizer", None), self.calibration_batch_size,
+            trainer.global_rank, trainer.world_size,
         )
+        with state.calibrating():
+            new = self.strategy.update(old, state.model, step, optimizer.sparse_grads or None, state.base_values, batches)
         new = trainer.strategy.broadcast(new, src=0)
         if new.shapes != old.shapes or new.total != old.total:
             raise RuntimeError(
                 f"{self.strategy.name}.update must keep the parameters and the count: {old.total} active entries "
                 f"before, {new.total} after"
             )
-        params = dict(pl_module.model.named_parameters())
-        dropped = old.difference(new)
-        values = {}
-        with torch.no_grad():
-            for name, idx in dropped.items():
-                flat = params[name].view(-1)
-                base = self.base_values[name]
-                if idx.numel():
-                    position = torch.searchsorted(old[name], idx).to(base.device)
-                    flat.index_copy_(0, idx.to(flat.device), base[position].to(flat.dtype))
-            for name, idx in new.items():
-                found, position = locate(old[name], idx)
-                current = params[name].detach().view(-1).index_select(0, idx.to(params[name].device))
-                found, position = found.to(current.device), position.to(current.device)
-                current[found] = self.base_values[name][position[found]]
-                values[name] = current
-        optimizer.set_masks(new)
-        self.masks, self.base_values, self.last_update_step = new, values, step
-        self._apply(pl_module)
+        state.replace_masks(new, step)
+        optimizer.remap(old)
 
     # -- checkpointing ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        if self.masks is None:
+        if self.state is None:
             return {}
-        return {
-            "strategy": self._config_json(),
-            "base_fingerprint": self.base_fingerprint,
-            "digests": dict(self.digests),
-            "last_update_step": int(self.last_update_step),
-            "names": list(self.masks.names),
-            "shapes": {name: list(shape) for name, shape in self.masks.shapes.items()},
-            "indices": {
-                name: idx.to(index_dtype(math.prod(self.masks.shape(name)))) for name, idx in self.masks.items()
-            },
-            "base_values": {name: values.detach().cpu() for name, values in self.base_values.items()},
-        }
+        return {"strategy": self._config_json(), **self.state.state_dict(include_base_values=self.save_base_values)}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("callbacks") or {}
@@ -280,11 +201,10 @@ class MaskCallback(Callback):
             )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the masks saved by :meth:`state_dict`; refuses another strategy config or base.
+        """Keep the state saved by :meth:`state_dict` for :meth:`prepare`; refuses another strategy config.
 
         Raises:
-            ValueError: The strategy config differs, or the model's frozen entries differ
-                from those recorded (both values in the message).
+            ValueError: The strategy config differs (both values in the message).
         """
         expected = self._config_json()
         if state_dict["strategy"] != expected:
@@ -292,28 +212,7 @@ class MaskCallback(Callback):
                 f"the checkpoint was trained with mask strategy {state_dict['strategy']}, "
                 f"but this run is configured with {expected}; resume with the checkpoint's strategy"
             )
-        names = state_dict["names"]
-        self.masks = Masks({n: state_dict["indices"][n] for n in names}, {n: state_dict["shapes"][n] for n in names})
-        self.base_values = dict(state_dict.get("base_values") or {})
-        if not self.base_values and self._module is not None:
-            self.base_values = gather_values(self._module.model, self.masks)
-        self.base_fingerprint = state_dict["base_fingerprint"]
-        self.digests = dict(state_dict["digests"])
-        self.last_update_step = int(state_dict["last_update_step"])
+        self.state = None
+        self._restored = dict(state_dict)
         if self._module is not None:
-            self._check_restored(self._module.model)
-            self._apply(self._module)
-
-    def _check_restored(self, model: torch.nn.Module) -> None:
-        for name, digest in frozen_digests(model, self.masks, self.base_values):
-            if digest != self.digests.get(name):
-                raise ValueError(
-                    f"the model's frozen entries of {name} (digest {digest}) differ from the checkpoint's "
-                    f"({self.digests.get(name)}, base fingerprint {self.base_fingerprint}); resume from the same base"
-                )
-
-
-def _unwrap(pl_module: pl.LightningModule) -> None:
-    """Remove the instance-level ``configure_optimizers`` wrapper installed by :meth:`MaskCallback.setup`."""
-    if "configure_optimizers" in vars(pl_module):
-        del pl_module.configure_optimizers
+            self.state = self._restore(self._module.model)

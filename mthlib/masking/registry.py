@@ -23,7 +23,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from mthlib.masking.base import MaskStrategy
+from mthlib.masking.strategy import MaskStrategy
 
 ENTRY_POINT_GROUP = "mthlib.masks"
 """Entry-point group through which installed packages register strategies."""

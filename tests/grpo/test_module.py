@@ -1,11 +1,17 @@
 """GRPOModule end to end on a tiny model: it learns, and its options change what it does."""
 
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
 import lightning.pytorch as pl
 import pytest
 import torch
 
 from mthlib.data import PromptDataModule
 from mthlib.grpo import GRPOModule
+from mthlib.grpo.loss import Normalizer, group_advantages
+from mthlib.grpo.objective import GRPOObjective
 from tests.conftest import make_tiny_chat_lm, save_tiny_chat_lm
 from tests.grpo.toy import LetterA, RewardLog
 
@@ -15,9 +21,9 @@ def tiny_model_dir(tmp_path):
     return save_tiny_chat_lm(tmp_path / "tiny", seed=3)
 
 
-def fit(model_dir, tmp_path, steps, env=None, **options):
+def fit(model_dir, tmp_path, steps, env=None, module_class=GRPOModule, **options):
     pl.seed_everything(0)
-    module = GRPOModule(model_name_or_path=model_dir, **options)
+    module = module_class(model_name_or_path=model_dir, **options)
     data = PromptDataModule(env=env or LetterA(), batch_size=4, eval_size=4, eval_batch_size=4)
     log = RewardLog()
     trainer = pl.Trainer(
@@ -37,7 +43,7 @@ def test_grpo_raises_the_reward_of_a_tiny_model(tiny_model_dir, tmp_path):
     assert last > first + 0.2, (first, last)
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "bnpo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"])
 def test_every_loss_type_trains_with_iterations_and_kl(tiny_model_dir, tmp_path, loss_type):
     module, rewards = fit(
         tiny_model_dir, tmp_path, steps=4, env=LetterA("abcdefghijklmnopqrstuvwxyz"), learning_rate=1e-3, num_generations=4, max_completion_length=4,
@@ -68,3 +74,133 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir, tmp_path):
     assert recomputed.model.is_gradient_checkpointing
     for p, q in zip(plain.model.parameters(), recomputed.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+# -- the module hands its loss options to the objective it optimises ---------------------------
+QUICK = {"num_generations": 4, "max_completion_length": 4, "micro_batch_size": 3, "learning_rate": 1e-2}
+
+
+@dataclass(frozen=True)
+class Call:
+    """One micro-batch the objective saw, detached."""
+
+    logps: torch.Tensor
+    old_logps: torch.Tensor
+    advantages: torch.Tensor
+    mask: torch.Tensor
+    norm: Normalizer
+    loss: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RecordingObjective(GRPOObjective):
+    """A :class:`GRPOObjective` that records each micro-batch it computes."""
+
+    calls: list[Call] = field(default_factory=list, compare=False)
+
+    def loss(self, logps, old_logps, advantages, mask, norm, ref_logps=None):
+        loss, metrics = super().loss(logps, old_logps, advantages, mask, norm, ref_logps)
+        self.calls.append(Call(logps.detach(), old_logps.detach(), advantages.clone(), mask.clone(), norm, loss.detach()))
+        return loss, metrics
+
+
+class RecordingModule(GRPOModule):
+    """A :class:`GRPOModule` that keeps its objective, the (truncated, loss mask) of each optimiser step and the rewards."""
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.objective: RecordingObjective | None = None
+        self.steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.rewards: list[torch.Tensor] = []
+
+    def _objective(self) -> RecordingObjective:
+        built = super()._objective()
+        self.objective = RecordingObjective(**{f.name: getattr(built, f.name) for f in fields(GRPOObjective)})
+        return self.objective
+
+    def _optimise(self, objective, rollout, *args) -> None:
+        self.steps.append((rollout.truncated.clone(), rollout.loss_mask.clone()))
+        super()._optimise(objective, rollout, *args)
+
+    def _log_step(self, rewards, *args) -> None:
+        self.rewards.append(rewards.clone())
+        super()._log_step(rewards, *args)
+
+
+def fit_recording(model_dir, tmp_path, steps: int, **options) -> RecordingModule:
+    """A few steps of a :class:`RecordingModule` on a task whose rewards differ inside groups."""
+    module, _ = fit(model_dir, tmp_path, steps, env=LetterA("abcdefghijklm"), module_class=RecordingModule,
+                    **{**QUICK, **options})
+    return module
+
+
+def options_of(objective: GRPOObjective) -> dict:
+    return {f.name: getattr(objective, f.name) for f in fields(GRPOObjective)}
+
+
+@pytest.mark.parametrize(
+    ("options", "metric"),
+    [
+        ({"loss_type": "cispo", "epsilon_high": 4.0}, "cispo_clip_ratio"),
+        ({"loss_type": "vespo", "vespo_k_pos": 1.5, "vespo_lambda_pos": 2.5, "vespo_k_neg": 2.0,
+          "vespo_lambda_neg": 1.0}, "vespo/phi_seq_mean"),
+        ({"loss_type": "sapo", "sapo_temperature_pos": 0.7, "sapo_temperature_neg": 1.3}, "entropy"),
+        ({"loss_type": "luspo", "importance_sampling_level": "sequence", "delta": 1.5}, "clip_ratio/high_mean"),
+        ({"loss_type": "grpo", "epsilon": 0.1, "epsilon_high": 0.3, "beta": 0.05, "use_bias_correction_kl": False},
+         "kl"),
+    ],
+    ids=lambda value: value if isinstance(value, str) else value["loss_type"],
+)
+def test_the_module_optimises_the_objective_of_its_loss_options(tiny_model_dir, tmp_path, options, metric):
+    module = fit_recording(tiny_model_dir, tmp_path, 1, **options)
+    assert options_of(module.objective) == options_of(GRPOObjective(**options))
+    calls = module.objective.calls
+    assert len(calls) == 6  # 16 completions in micro-batches of 3
+    logged = module.trainer.callback_metrics
+    assert metric in logged
+    assert logged["loss"].item() == pytest.approx(sum(call.loss for call in calls).item(), rel=1e-5, abs=1e-7)
+
+
+def test_num_iterations_steps_again_on_the_same_rollout_against_its_sampling_log_probs(tiny_model_dir, tmp_path):
+    module = fit_recording(tiny_model_dir, tmp_path, 2, num_iterations=2)
+    assert len(module.steps) == 2 and torch.equal(module.steps[0][1], module.steps[1][1])  # one rollout, two steps
+    first, second = module.objective.calls[:6], module.objective.calls[6:]
+    assert len(second) == 6
+    for before, after in zip(first, second):
+        torch.testing.assert_close(before.old_logps, before.logps, rtol=1e-5, atol=1e-6)  # sampled by these weights
+        torch.testing.assert_close(after.old_logps, before.logps, rtol=1e-5, atol=1e-6)  # still the sampling policy
+    assert any(not torch.allclose(after.logps, after.old_logps) for after in second)  # the first step moved the policy
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_mask_truncated_completions_removes_them_from_the_loss_and_the_token_count(tiny_model_dir, tmp_path, masked):
+    module = fit_recording(tiny_model_dir, tmp_path, 1, mask_truncated_completions=masked, max_completion_length=6)
+    (truncated, loss_mask), = module.steps
+    assert truncated.any() and not truncated.all()
+    assert (loss_mask[truncated].sum() == 0) == masked
+    assert (loss_mask[~truncated].sum(dim=1) > 0).all()
+    calls = module.objective.calls
+    assert torch.equal(torch.cat([call.mask.sum(dim=1) for call in calls]), loss_mask.sum(dim=1))
+    assert calls[0].norm == Normalizer(16, int(loss_mask.sum()), 6)
+
+
+def test_a_step_whose_completions_are_all_masked_changes_nothing(tiny_model_dir, tmp_path):
+    module = fit_recording(tiny_model_dir, tmp_path, 1, mask_truncated_completions=True, max_completion_length=1)
+    (truncated, loss_mask), = module.steps
+    assert truncated.all() and loss_mask.sum() == 0
+    base, _ = make_tiny_chat_lm(seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(module.model.parameters(), base.parameters()))
+
+
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+def test_advantages_are_scaled_as_scale_rewards_says(tiny_model_dir, tmp_path, scale_rewards):
+    module = fit_recording(tiny_model_dir, tmp_path, 1, scale_rewards=scale_rewards)
+    (rewards,) = module.rewards
+    advantages = torch.cat([call.advantages for call in module.objective.calls])
+    torch.testing.assert_close(advantages, group_advantages(rewards, QUICK["num_generations"], scale_rewards))
+    assert advantages.abs().sum() > 0
+
+
+def test_a_bad_loss_option_fails_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        GRPOModule(model_name_or_path=str(tmp_path / "never_loaded"), loss_type="ppo")

@@ -8,10 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from jsonargparse import ArgumentParser
 from torch import nn
 
 from mthlib.masking import Masks, MaskStrategy, parameter_kinds
-from mthlib.masking.base import _kth_largest
+from mthlib.masking.selection import kth_largest
 
 
 class ScoreByWeight(MaskStrategy):
@@ -26,6 +27,44 @@ class Forgetful(MaskStrategy):
 
     def __init__(self, sparsity: float = 0.99, extra: int = 3) -> None:
         super().__init__(sparsity)
+
+    def compute(self, model, batches):
+        raise AssertionError("not called")
+
+
+class ShortForm(MaskStrategy):
+    """Own argument plus the shared options, passed on with ``**options``."""
+
+    def __init__(self, power: float = 1.0, **options) -> None:
+        super().__init__(**options)
+        self.power = power
+
+    def compute(self, model, batches):
+        raise AssertionError("not called")
+
+
+class OwnDefault(ShortForm):
+    """A second level: a different sparsity default, a fixed allocation, the rest forwarded twice."""
+
+    def __init__(self, sparsity: float = 0.5, **options) -> None:
+        super().__init__(sparsity=sparsity, allocation="per_tensor", **options)
+
+
+class Swallows(MaskStrategy):
+    """Takes ``**options`` but never passes them on."""
+
+    def __init__(self, **options) -> None:
+        super().__init__()
+
+    def compute(self, model, batches):
+        raise AssertionError("not called")
+
+
+class Varargs(MaskStrategy):
+    """Takes ``*args``."""
+
+    def __init__(self, *args) -> None:
+        super().__init__()
 
     def compute(self, model, batches):
         raise AssertionError("not called")
@@ -239,6 +278,53 @@ def test_config_reads_back_every_init_argument():
         Forgetful().config()
 
 
+SHARED_OPTIONS = ["sparsity", "allocation", "include", "exclude", "include_norms", "include_biases",
+                  "include_embeddings", "seed", "exclude_mask"]
+
+
+def test_config_follows_options_to_the_shared_arguments():
+    short = ShortForm(power=2.0, seed=3, include=["a.*"])
+    assert list(short.config()["init_args"]) == ["power", *SHARED_OPTIONS]
+    assert short.config()["init_args"] == {"power": 2.0, "sparsity": 0.99, "allocation": "global",
+                                            "include": ["a.*"], "exclude": None, "include_norms": False,
+                                            "include_biases": False, "include_embeddings": True, "seed": 3,
+                                            "exclude_mask": None}
+    assert repr(short).startswith("ShortForm(power=2.0, sparsity=0.99, allocation='global', include=['a.*']")
+    # own default recorded once, in its own place; the fixed allocation is not an option
+    nested = OwnDefault(power=3.0, seed=1)
+    assert list(nested.config()["init_args"]) == ["sparsity", "power", *SHARED_OPTIONS[2:]]
+    assert nested.sparsity == 0.5 and nested.allocation == "per_tensor" and nested.config()["init_args"]["seed"] == 1
+    with pytest.raises(TypeError, match="multiple values for keyword argument 'allocation'"):
+        OwnDefault(allocation="global")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'sead'"):
+        ShortForm(sead=1)
+    for cls in (ShortForm, OwnDefault):  # the same arguments, in the same order, as the command line shows
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(cls, "mask")
+        assert list(vars(parser.get_defaults().mask)) == list(cls().config()["init_args"])
+
+
+def test_config_refuses_swallowed_options_and_varargs():
+    with pytest.raises(TypeError, match=r"Swallows.__init__ takes \*\*options but does not pass them on"):
+        Swallows().config()
+    with pytest.raises(TypeError, match=r"Varargs.__init__ takes \*args; use named arguments only"):
+        Varargs().config()
+
+
+def test_config_of_a_class_without_source_keeps_every_shared_option():
+    namespace: dict = {"MaskStrategy": MaskStrategy}
+    exec(  # noqa: S102  (a class whose source inspect cannot find, as in an interactive session)
+        "class Typed(MaskStrategy):\n"
+        "    def __init__(self, k: int = 1, **options):\n"
+        "        super().__init__(allocation='per_tensor', **options)\n"
+        "        self.k = k\n"
+        "    def compute(self, model, batches):\n"
+        "        return None\n",
+        namespace,
+    )
+    assert list(namespace["Typed"]().config()["init_args"]) == ["k", *SHARED_OPTIONS]
+
+
 def test_static_strategies_have_no_update(tiny_lm):
     strategy = ScoreByWeight()
     masks = strategy.compute(tiny_lm, None)
@@ -260,7 +346,7 @@ def test_sequences_without_target_tokens_are_skipped(tiny_lm_untied):
 
 
 def test_accumulate_during_sparse_training_leaves_the_optimizer_alone(tiny_lm_untied):
-    from mthlib.masking import SparseAdamW
+    from mthlib.masking import SparseAdamW, SparseState
 
     model = tiny_lm_untied
     ids = torch.randint(3, 64, (2, 6), generator=torch.Generator().manual_seed(2))
@@ -269,8 +355,10 @@ def test_accumulate_during_sparse_training_leaves_the_optimizer_alone(tiny_lm_un
     expected = model.lm_head.weight.grad.clone()
     model.zero_grad(set_to_none=True)
     masks = Masks({"lm_head.weight": torch.tensor([0, 7])}, {"lm_head.weight": (64, 32)})
-    optimizer = SparseAdamW(model, masks)
-    grads = ScoreByWeight(include=["lm_head.weight"]).accumulate(model, [batch], lambda w, g: g)
+    state = SparseState.capture(model, masks).attach(model)
+    optimizer = SparseAdamW(state)
+    with state.calibrating():
+        grads = ScoreByWeight(include=["lm_head.weight"]).accumulate(model, [batch], lambda w, g: g)
     assert torch.allclose(grads["lm_head.weight"], expected, atol=1e-6)
     assert not optimizer.sparse_grads
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["lm_head.weight"]
@@ -283,4 +371,4 @@ def test_kth_largest_equals_kthvalue_with_ties_and_excluded_entries(k):
     values = torch.randn(100_000, generator=torch.Generator().manual_seed(k))
     values[::7] = 0.25  # many ties
     values[:500] = -math.inf  # excluded entries
-    assert torch.equal(_kth_largest(values, k, sample_size=1_000), torch.kthvalue(values, values.numel() - k + 1).values)
+    assert torch.equal(kth_largest(values, k, sample_size=1_000), torch.kthvalue(values, values.numel() - k + 1).values)

@@ -67,14 +67,13 @@ def step_batch(step: int) -> dict[str, torch.Tensor]:
 
 
 class TinyModule(pl.LightningModule):
-    """Minimal module following the GRPOModule contract (manual optimization, SparseAdamW from self.masks)."""
+    """Minimal module following the GRPOModule contract (manual optimization, SparseAdamW on its callback's state)."""
 
-    def __init__(self, corrupt_at: int | None = None, dense: bool = False) -> None:
+    def __init__(self, mask_callback: MaskCallback, corrupt_at: int | None = None, dense: bool = False) -> None:
         super().__init__()
         self.model = make_tiny_lm(seed=0)
         self.tokenizer = None
-        self.masks = None
-        self.base_values = None
+        self.mask_callback = mask_callback
         self.automatic_optimization = False
         self.corrupt_at = corrupt_at
         self.dense = dense
@@ -83,7 +82,7 @@ class TinyModule(pl.LightningModule):
     def configure_optimizers(self):
         if self.dense:
             return torch.optim.AdamW(self.model.parameters())
-        optimizer = SparseAdamW(self.model, self.masks, lr=1e-2, weight_decay=0.1)
+        optimizer = SparseAdamW(self.mask_callback.prepare(self.trainer, self), lr=1e-2, weight_decay=0.1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -100,7 +99,7 @@ class TinyModule(pl.LightningModule):
         self.losses.append(float(loss.detach()))
         if self.corrupt_at == self.global_step:
             with torch.no_grad():
-                frozen = ~self.masks.to_dense("model.layers.1.mlp.down_proj.weight")
+                frozen = ~self.mask_callback.state.masks.to_dense("model.layers.1.mlp.down_proj.weight")
                 self.model.model.layers[1].mlp.down_proj.weight[frozen] += 1e-3
 
 
@@ -138,13 +137,21 @@ def frozen_and_active(model, masks):
         yield name, param.detach(), base[name].detach(), keep
 
 
+def fit(tmp_path, steps: int, callback: MaskCallback, data=None, ckpt_path=None, **module_args) -> TinyModule:
+    """Fit a TinyModule that asks ``callback`` for its state; returns the module."""
+    module = TinyModule(callback, **module_args)
+    trainer(tmp_path, steps, callback).fit(module, datamodule=data or TinyData(), ckpt_path=ckpt_path)
+    return module
+
+
 def test_frozen_entries_stay_bitwise_with_decay_clipping_and_accumulation(tmp_path):
-    module, data = TinyModule(), TinyData()
+    data = TinyData()
     callback = MaskCallback(GradMagnitude(num_samples=6), verify_every=1, calibration_batch_size=4)
-    trainer(tmp_path, 4, callback).fit(module, datamodule=data)
+    module = fit(tmp_path, 4, callback, data)
     assert GradMagnitude.computed == [0]
     assert data.requests == [{"num_samples": 6, "batch_size": 4, "seed": 0}]
-    masks = module.masks
+    state = callback.state
+    masks = state.masks
     eligible = sum(p.numel() for p in module.model.parameters() if p.dim() >= 2)
     assert masks.total == int(eligible * 0.1)
     trained = 0
@@ -152,33 +159,35 @@ def test_frozen_entries_stay_bitwise_with_decay_clipping_and_accumulation(tmp_pa
         assert torch.equal(param[~keep], base[~keep]), f"frozen entries of {name} moved"
         trained += int((param[keep] != base[keep]).sum())
     assert trained > 0.9 * masks.total
-    for name, values in module.base_values.items():
+    for name, values in state.base_values.items():
         assert torch.equal(values, dict(make_tiny_lm(seed=0).named_parameters())[name].detach().view(-1)[masks[name]])
-    assert module.model._mth_base_fingerprint == model_fingerprint(make_tiny_lm(seed=0))
+    assert state.base_fingerprint == model_fingerprint(make_tiny_lm(seed=0))
     metrics = module.trainer.callback_metrics
     total = sum(p.numel() for p in module.model.parameters())
     assert float(metrics["mask/trainable_count"]) == masks.total
     assert float(metrics["mask/trainable_fraction"]) == pytest.approx(masks.total / total)
-    assert "configure_optimizers" not in vars(module)  # the wrapper is gone after the fit
+    assert not state.attached  # detached when the fit ended: no hooks, original layers
+    assert not any(type(m).__name__ == "ActiveEntryLinear" for m in module.model.modules())
+    assert all(p.requires_grad for p in module.model.parameters())
+    assert not vars(module.model).get("_forward_hooks") and "configure_optimizers" not in vars(module)
 
 
 def test_verification_names_the_corrupted_tensor(tmp_path):
     callback = MaskCallback(GradMagnitude(), verify_every=2)
     with pytest.raises(RuntimeError, match=r"frozen entries of model\.layers\.1\.mlp\.down_proj\.weight differ .* at step 2"):
-        trainer(tmp_path, 4, callback).fit(TinyModule(corrupt_at=1), datamodule=TinyData())
+        fit(tmp_path, 4, callback, corrupt_at=1)
     at_end = MaskCallback(GradMagnitude(), verify_every=0)
-    module = TinyModule(corrupt_at=1)
     with pytest.raises(RuntimeError, match=r"down_proj\.weight differ .* at step 3"):
-        trainer(tmp_path, 3, at_end).fit(module, datamodule=TinyData())
-    assert "configure_optimizers" not in vars(module)  # unwrapped on the exception too
+        fit(tmp_path, 3, at_end, corrupt_at=1)
+    assert not at_end.state.attached  # detached on the exception too
 
 
 def test_resume_restores_masks_without_recomputing(tmp_path):
-    straight = TinyModule()
-    trainer(tmp_path, 4, MaskCallback(GradMagnitude())).fit(straight, datamodule=TinyData())
+    straight = fit(tmp_path, 4, MaskCallback(GradMagnitude()))
 
-    first = TinyModule()
-    run = trainer(tmp_path, 2, MaskCallback(GradMagnitude()))
+    callback = MaskCallback(GradMagnitude())
+    first = TinyModule(callback)
+    run = trainer(tmp_path, 2, callback)
     run.fit(first, datamodule=TinyData())
     path = tmp_path / "two.ckpt"
     run.save_checkpoint(path)
@@ -188,51 +197,50 @@ def test_resume_restores_masks_without_recomputing(tmp_path):
     assert state["base_fingerprint"] == model_fingerprint(make_tiny_lm(seed=0))
     assert GradMagnitude.computed == [0, 0]
 
-    resumed, data = TinyModule(), TinyData()
-    trainer(tmp_path, 4, MaskCallback(GradMagnitude())).fit(resumed, datamodule=data, ckpt_path=path)
+    data, again = TinyData(), MaskCallback(GradMagnitude())
+    resumed = fit(tmp_path, 4, again, data, ckpt_path=path)
     assert GradMagnitude.computed == [0, 0] and data.requests == []  # restored, not recomputed
-    assert resumed.masks == straight.masks
+    assert again.state.masks == straight.mask_callback.state.masks
     assert resumed.losses == pytest.approx(straight.losses[2:], rel=1e-6)
     for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(p, q), name
 
 
 def test_resume_refuses_another_strategy(tmp_path):
-    run = trainer(tmp_path, 1, MaskCallback(GradMagnitude()))
-    run.fit(TinyModule(), datamodule=TinyData())
+    callback = MaskCallback(GradMagnitude())
+    run = trainer(tmp_path, 1, callback)
+    run.fit(TinyModule(callback), datamodule=TinyData())
     path = tmp_path / "one.ckpt"
     run.save_checkpoint(path)
     with pytest.raises(ValueError, match=r"trained with mask strategy .*\"seed\": 0.* configured with .*\"seed\": 5"):
-        trainer(tmp_path, 2, MaskCallback(GradMagnitude(seed=5))).fit(TinyModule(), datamodule=TinyData(), ckpt_path=path)
+        fit(tmp_path, 2, MaskCallback(GradMagnitude(seed=5)), ckpt_path=path)
     with pytest.raises(ValueError, match=r"no mask state for MaskCallback\{'strategy': 'GradMagnitude', 'sparsity': 0.8\}"):
-        trainer(tmp_path, 2, MaskCallback(GradMagnitude(sparsity=0.8))).fit(
-            TinyModule(), datamodule=TinyData(), ckpt_path=path
-        )
+        fit(tmp_path, 2, MaskCallback(GradMagnitude(sparsity=0.8)), ckpt_path=path)
 
 
 def test_dynamic_strategy_keeps_count_and_frozen_part(tmp_path):
     strategy = Reshuffle()
-    module = TinyModule()
     callback = MaskCallback(strategy, verify_every=1)
-    trainer(tmp_path, 5, callback).fit(module, datamodule=TinyData())
-    assert callback.last_update_step == 4 and len(strategy.grads_seen) == 2 and all(strategy.grads_seen)
+    module = fit(tmp_path, 5, callback)
+    state = callback.state
+    assert state.last_update_step == 4 and len(strategy.grads_seen) == 2 and all(strategy.grads_seen)
     initial = strategy.compute(make_tiny_lm(seed=0), None)
-    assert module.masks.total == initial.total and module.masks != initial
+    assert state.masks.total == initial.total and state.masks != initial
     optimizer = module.trainer.optimizers[0]
-    assert optimizer.masks is module.masks
-    for name, param, base, keep in frozen_and_active(module.model, module.masks):
+    assert optimizer.masks is state.masks
+    for name, param, base, keep in frozen_and_active(module.model, state.masks):
         assert torch.equal(param[~keep], base[~keep]), f"frozen (or dropped) entries of {name} are not the base"
-        if name in module.masks:
-            assert torch.equal(module.base_values[name], base.view(-1)[module.masks[name]])
+        if name in state.masks:
+            assert torch.equal(state.base_values[name], base.view(-1)[state.masks[name]])
 
 
 def test_the_module_must_build_sparse_adamw(tmp_path):
     with pytest.raises(RuntimeError, match="needs the LightningModule to build mthlib.masking.SparseAdamW.*AdamW"):
-        trainer(tmp_path, 1, MaskCallback(GradMagnitude())).fit(TinyModule(dense=True), datamodule=TinyData())
+        fit(tmp_path, 1, MaskCallback(GradMagnitude()), dense=True)
 
 
 def test_calibration_needs_a_data_module_method(tmp_path):
-    module = TinyModule()
+    callback = MaskCallback(GradMagnitude())
     loader = DataLoader(list(range(8)), batch_size=1)
-    with pytest.raises(RuntimeError, match="calibration_batches"):
-        trainer(tmp_path, 1, MaskCallback(GradMagnitude())).fit(module, train_dataloaders=loader)
+    with pytest.raises(ValueError, match="calibration_batches"):
+        trainer(tmp_path, 1, callback).fit(TinyModule(callback), train_dataloaders=loader)

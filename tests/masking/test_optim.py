@@ -8,8 +8,8 @@ import io
 import pytest
 import torch
 
-from mthlib.masking import Masks, SparseAdamW
-from tests.conftest import make_tiny_lm
+from mthlib.masking import Masks, SparseAdamW, SparseState
+from tests.conftest import attached, make_tiny_lm
 
 HYPER = {"lr": 1e-2, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
 
@@ -42,7 +42,7 @@ def test_trajectory_equals_masked_torch_adamw():
     sparse_model, dense_model = make_tiny_lm(seed=0), make_tiny_lm(seed=0)
     initial = {n: p.detach().clone() for n, p in sparse_model.named_parameters()}
     masks = random_masks(sparse_model, skip=("model.layers.0.mlp.up_proj.weight",))
-    optimizer = SparseAdamW(sparse_model, masks, **HYPER)
+    optimizer = SparseAdamW(attached(sparse_model, masks), **HYPER)
     params = dict(dense_model.named_parameters())
     reference = torch.optim.AdamW(params.values(), foreach=False, **HYPER)
     for step in range(5):
@@ -71,7 +71,7 @@ def test_trajectory_equals_masked_torch_adamw():
 
 def test_memory_dense_grads_are_freed_and_state_is_two_floats_per_entry(tiny_lm):
     masks = random_masks(tiny_lm, skip=("model.layers.1.self_attn.q_proj.weight",))
-    optimizer = SparseAdamW(tiny_lm, masks, **HYPER)
+    optimizer = SparseAdamW(attached(tiny_lm, masks), **HYPER)
     tiny_lm(**batch(0)).loss.backward()
     assert all(p.grad is None for p in tiny_lm.parameters())
     assert not tiny_lm.model.layers[1].self_attn.q_proj.weight.requires_grad  # no active entry
@@ -93,7 +93,7 @@ def test_memory_dense_grads_are_freed_and_state_is_two_floats_per_entry(tiny_lm)
 def test_clipping_matches_masked_dense_clipping(tiny_lm):
     dense_model = copy.deepcopy(tiny_lm)
     masks = random_masks(tiny_lm)
-    optimizer = SparseAdamW(tiny_lm, masks, **HYPER)
+    optimizer = SparseAdamW(attached(tiny_lm, masks), **HYPER)
     tiny_lm(**batch(1)).loss.backward()
     dense_model(**batch(1)).loss.backward()
     params = dict(dense_model.named_parameters())
@@ -115,7 +115,7 @@ def test_clipping_matches_masked_dense_clipping(tiny_lm):
 def test_gradient_accumulation_equals_one_big_batch():
     big, small = make_tiny_lm(seed=0), make_tiny_lm(seed=0)
     masks = random_masks(big)
-    opt_big, opt_small = SparseAdamW(big, masks, **HYPER), SparseAdamW(small, masks, **HYPER)
+    opt_big, opt_small = SparseAdamW(attached(big, masks), **HYPER), SparseAdamW(attached(small, masks), **HYPER)
     full = batch(7, rows=4)
     big(**full).loss.backward()
     for rows in (slice(0, 2), slice(2, 4)):
@@ -139,11 +139,11 @@ def _train(model, optimizer, steps, start=0):
 def test_state_dict_round_trip_resumes_identically():
     straight = make_tiny_lm(seed=0)
     masks = random_masks(straight)
-    opt = SparseAdamW(straight, masks, **HYPER)
+    opt = SparseAdamW(attached(straight, masks), **HYPER)
     _train(straight, opt, 4)
 
     first = make_tiny_lm(seed=0)
-    opt_first = SparseAdamW(first, masks, **HYPER)
+    opt_first = SparseAdamW(attached(first, masks), **HYPER)
     _train(first, opt_first, 2)
     buffer = io.BytesIO()
     torch.save({"model": first.state_dict(), "optimizer": opt_first.state_dict()}, buffer)
@@ -153,13 +153,14 @@ def test_state_dict_round_trip_resumes_identically():
 
     resumed = make_tiny_lm(seed=0)
     resumed.load_state_dict(saved["model"])
-    opt_resumed = SparseAdamW(resumed, masks, **HYPER)
+    opt_resumed = SparseAdamW(attached(resumed, masks), **HYPER)
     opt_resumed.load_state_dict(saved["optimizer"])
     _train(resumed, opt_resumed, 2, start=2)
     for (name, p), q in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
 
-    other = SparseAdamW(make_tiny_lm(seed=0), random_masks(straight, seed=1), **HYPER)
+    other_model = make_tiny_lm(seed=0)
+    other = SparseAdamW(attached(other_model, random_masks(straight, seed=1)), **HYPER)
     with pytest.raises(ValueError, match="different masks"):
         other.load_state_dict(saved["optimizer"])
     with pytest.raises(ValueError, match="no 'masks'"):
@@ -170,7 +171,7 @@ def test_bf16_parameters_keep_fp32_state_and_frozen_bits():
     model = make_tiny_lm(seed=0).to(torch.bfloat16)
     initial = {n: p.detach().clone() for n, p in model.named_parameters()}
     masks = random_masks(model)
-    optimizer = SparseAdamW(model, masks, lr=0.1, weight_decay=0.1)
+    optimizer = SparseAdamW(attached(model, masks), lr=0.1, weight_decay=0.1)
     _train(model, optimizer, 2)
     for name, param in model.named_parameters():
         keep = dense_mask(masks, name, param) if name in masks else torch.zeros_like(param, dtype=torch.bool)
@@ -178,7 +179,7 @@ def test_bf16_parameters_keep_fp32_state_and_frozen_bits():
         assert torch.equal(param[~keep], initial[name][~keep]), name
     assert any(not torch.equal(p, initial[n]) for n, p in model.named_parameters())
     state = optimizer.state_dict()
-    fresh = SparseAdamW(model, masks, lr=0.1, weight_decay=0.1)
+    fresh = SparseAdamW(optimizer.sparse_state, lr=0.1, weight_decay=0.1)
     fresh.load_state_dict(state)
     for param in fresh.param_groups[0]["params"]:
         assert fresh.state[param]["exp_avg"].dtype == torch.float32
@@ -189,7 +190,7 @@ def test_set_masks_keeps_moments_of_kept_entries(tiny_lm):
     name, gone = "model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.up_proj.weight"
     grown = "model.layers.0.self_attn.k_proj.weight"
     masks = random_masks(tiny_lm, skip=(grown,))
-    optimizer = SparseAdamW(tiny_lm, masks, **HYPER)
+    optimizer = SparseAdamW(attached(tiny_lm, masks), **HYPER)
     _train(tiny_lm, optimizer, 1)
     old = masks[name]
     param = dict(tiny_lm.named_parameters())[name]
@@ -201,7 +202,8 @@ def test_set_masks_keeps_moments_of_kept_entries(tiny_lm):
     indices[gone] = torch.zeros(0, dtype=torch.long)
     indices[grown] = torch.tensor([0, 5])
     new = Masks(indices, masks.shapes)
-    optimizer.set_masks(new)
+    optimizer.sparse_state.replace_masks(new, step=1)
+    optimizer.remap(masks)
     state = optimizer.state[param]["exp_avg"]
     lookup = dict(zip(indices[name].tolist(), state.tolist()))
     for i, value in zip(old[::2].tolist(), before[::2].tolist()):
@@ -215,20 +217,27 @@ def test_set_masks_keeps_moments_of_kept_entries(tiny_lm):
     assert sorted(optimizer.sparse_grads) == sorted(n for n in new if new.count(n))
 
 
-def test_a_new_optimizer_takes_over_the_hooks(tiny_lm):
+def test_a_state_attaches_once_and_detaching_restores_the_model(tiny_lm):
     masks = random_masks(tiny_lm)
-    old = SparseAdamW(tiny_lm, masks, **HYPER)
-    new = SparseAdamW(tiny_lm, masks, **HYPER)
+    requires = {n: p.requires_grad for n, p in tiny_lm.named_parameters()}
+    layers = {n: type(m) for n, m in tiny_lm.named_modules()}
+    state = attached(tiny_lm, masks)
+    with pytest.raises(RuntimeError, match="already attached"):
+        state.attach(tiny_lm)
+    optimizer = SparseAdamW(state, **HYPER)
     tiny_lm(**batch(0)).loss.backward()
-    assert not old.sparse_grads and len(new.sparse_grads) == sum(1 for n in masks if masks.count(n))
-    new.remove_hooks()
-    new.zero_grad()
+    assert len(optimizer.sparse_grads) == sum(1 for n in masks if masks.count(n))
+    state.detach()
+    state.detach()  # idempotent
+    assert {n: type(m) for n, m in tiny_lm.named_modules()} == layers
+    assert {n: p.requires_grad for n, p in tiny_lm.named_parameters()} == requires
+    tiny_lm.zero_grad()
     tiny_lm(**batch(0)).loss.backward()
-    assert tiny_lm.model.embed_tokens.weight.grad is not None and not new.sparse_grads
+    assert tiny_lm.model.embed_tokens.weight.grad is not None and not tiny_lm.model.embed_tokens.weight.grad.is_sparse
 
 
 def test_scheduler_drives_the_learning_rate(tiny_lm):
-    optimizer = SparseAdamW(tiny_lm, random_masks(tiny_lm), **HYPER)
+    optimizer = SparseAdamW(attached(tiny_lm, random_masks(tiny_lm)), **HYPER)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(5e-3)
     _train(tiny_lm, optimizer, 1)
@@ -238,34 +247,41 @@ def test_scheduler_drives_the_learning_rate(tiny_lm):
 
 def test_bad_masks_and_hyper_parameters(tiny_lm):
     with pytest.raises(ValueError, match="does not have"):
-        SparseAdamW(tiny_lm, Masks({"nope.weight": torch.tensor([0])}, {"nope.weight": (2,)}))
+        attached(tiny_lm, Masks({"nope.weight": torch.tensor([0])}, {"nope.weight": (2,)}))
     with pytest.raises(ValueError, match="shape"):
-        SparseAdamW(tiny_lm, Masks({"model.norm.weight": torch.tensor([0])}, {"model.norm.weight": (33,)}))
+        attached(tiny_lm, Masks({"model.norm.weight": torch.tensor([0])}, {"model.norm.weight": (33,)}))
     with pytest.raises(ValueError, match="nothing to train"):
-        SparseAdamW(tiny_lm, Masks({}, {"model.norm.weight": (32,)}))
+        SparseAdamW(attached(make_tiny_lm(), Masks({}, {"model.norm.weight": (32,)})))
     with pytest.raises(ValueError, match="betas"):
-        SparseAdamW(tiny_lm, random_masks(tiny_lm), betas=(0.9, 1.0))
+        SparseAdamW(attached(make_tiny_lm(), random_masks(tiny_lm)), betas=(0.9, 1.0))
+    with pytest.raises(RuntimeError, match="not attached"):
+        SparseAdamW(SparseState.capture(tiny_lm, random_masks(tiny_lm)))
 
 
 def test_methods_called_through_lightnings_wrapper_reach_the_optimizer(tiny_lm):
     from lightning.pytorch.core.optimizer import LightningOptimizer
 
     masks = random_masks(tiny_lm)
-    optimizer = SparseAdamW(tiny_lm, masks, **HYPER)
+    optimizer = SparseAdamW(attached(tiny_lm, masks), **HYPER)
     wrapper = LightningOptimizer(optimizer)
     tiny_lm(**batch(0)).loss.backward()
     wrapper.clip_grad_norm_(0.1)
-    assert torch.linalg.vector_norm(torch.cat(list(optimizer._grads.values()))) == pytest.approx(0.1, rel=1e-4)
+    grads = optimizer.sparse_state.gradients.buffers
+    assert torch.linalg.vector_norm(torch.cat(list(grads.values()))) == pytest.approx(0.1, rel=1e-4)
     optimizer.step()
     wrapper.zero_grad()
-    assert not optimizer._grads  # cleared on the optimizer, not on the wrapper
-    smaller = Masks({n: masks[n][:1] for n in masks}, masks.shapes)
-    wrapper.set_masks(smaller)
-    assert optimizer.masks is smaller and wrapper.masks is smaller
-    assert "_grads" not in vars(wrapper) and "masks" not in vars(wrapper)
+    assert not optimizer.sparse_state.gradients.buffers  # cleared on the optimizer's state, not on the wrapper
+    assert "_last_grads" not in vars(wrapper) and "sparse_state" not in vars(wrapper)
+    moved = Masks({n: masks[n][1:] if i % 2 else masks[n] for i, n in enumerate(masks)}, masks.shapes)
+    moved = Masks({n: torch.sort(torch.cat([moved[n], torch.tensor([i for i in range(1, 64) if i not in set(masks[n].tolist())][:1])])).values
+                   if moved.count(n) < masks.count(n) else moved[n] for n in masks}, masks.shapes)
+    optimizer.sparse_state.replace_masks(moved, step=1)
+    wrapper.remap(masks)
+    assert optimizer.masks is moved and wrapper.masks is moved
+    assert "_names" not in vars(wrapper)
     del wrapper
     tiny_lm(**batch(1)).loss.backward()
-    assert sorted(optimizer.sparse_grads) == sorted(masks.names)  # hooks set via the wrapper feed the optimizer
+    assert sorted(optimizer.sparse_grads) == sorted(masks.names)  # hooks of the new masks feed the optimizer
 
 
 class _ActiveOnly(torch.autograd.Function):
@@ -293,7 +309,7 @@ def test_sparse_gradients_are_read_directly_or_densified():
     model = torch.nn.Module()
     model.weight = weight
     flat = torch.tensor([1, 7, 18])
-    optimizer = SparseAdamW(model, Masks({"weight": flat}, {"weight": (4, 5)}))
+    optimizer = SparseAdamW(attached(model, Masks({"weight": flat}, {"weight": (4, 5)})))
     x = torch.randn(3, 5, generator=torch.Generator().manual_seed(1))
     _ActiveOnly.apply(x, weight, flat).sum().backward()
     dense = (torch.ones(3, 4).T @ x).view(-1)[flat]
@@ -302,7 +318,7 @@ def test_sparse_gradients_are_read_directly_or_densified():
     embedding = torch.nn.Embedding(6, 3, sparse=True)
     holder = torch.nn.Module()
     holder.embedding = embedding
-    opt = SparseAdamW(holder, Masks({"embedding.weight": torch.tensor([0, 4, 5])}, {"embedding.weight": (6, 3)}))
+    opt = SparseAdamW(attached(holder, Masks({"embedding.weight": torch.tensor([0, 4, 5])}, {"embedding.weight": (6, 3)})))
     embedding(torch.tensor([1, 1, 0])).sum().backward()  # uncoalesced sparse gradient: rows 1, 1, 0
     assert opt.sparse_grads["embedding.weight"].tolist() == [1.0, 2.0, 2.0]
     assert weight.grad is None and embedding.weight.grad is None

@@ -215,6 +215,57 @@ def test_jsonargparse_accepts_short_names_in_configs(no_entry_points):
     assert isinstance(again, Toy) and again.seed == 5
 
 
+SHORT_FORM = '''
+"""A user's strategy module: its own argument, the shared options through **options."""
+from typing import Any
+
+from mthlib.masking import MaskStrategy, register_mask
+
+
+@register_mask("short_form_mask")
+class ShortForm(MaskStrategy):
+    """Keeps the largest |w| ** power.
+
+    Args:
+        power: Exponent of the magnitude.
+        **options: The shared options of MaskStrategy.
+    """
+
+    def __init__(self, power: float = 1.0, **options: Any) -> None:
+        super().__init__(**options)
+        self.power = power
+
+    def compute(self, model, batches):
+        return self.top_k({n: p.detach().abs() ** self.power for n, p in self.eligible(model).items()})
+'''
+
+
+def test_a_new_strategy_file_gets_the_shared_options(tmp_path, monkeypatch, no_entry_points):
+    (tmp_path / "test_short_form_plugin.py").write_text(SHORT_FORM)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("test_short_form_plugin")
+    assert get_mask_class("short_form_mask") is module.ShortForm
+    parser = _parser()
+    config = parser.parse_string(
+        "mask:\n  class_path: short_form_mask\n"
+        "  init_args: {power: 2.0, sparsity: 0.9, seed: 7, include: ['*.mlp.*'], include_norms: true}\n"
+    )
+    mask = parser.instantiate(config).mask
+    assert isinstance(mask, module.ShortForm) and (mask.power, mask.sparsity, mask.seed) == (2.0, 0.9, 7)
+    assert mask.config() == {
+        "class_path": "test_short_form_plugin.ShortForm", "name": "short_form_mask",
+        "init_args": {"power": 2.0, "sparsity": 0.9, "allocation": "global", "include": ["*.mlp.*"],
+                      "exclude": None, "include_norms": True, "include_biases": False,
+                      "include_embeddings": True, "seed": 7, "exclude_mask": None},
+    }
+    cli = parser.instantiate(parser.parse_args(["--mask", "short_form_mask", "--mask.seed", "3"])).mask
+    assert cli.seed == 3 and cli.power == 1.0 and cli.config()["init_args"]["seed"] == 3
+    dumped = parser.dump(parser.parse_args(["--mask", "short_form_mask"]), skip_unset=False)
+    assert all(f"{key}:" in dumped for key in mask.config()["init_args"])  # --print_config shows every option
+    with pytest.raises(Exception, match="sead"):
+        parser.parse_args(["--mask", "short_form_mask", "--mask.sead", "3"])
+
+
 def test_jsonargparse_class_argument_like_the_module(no_entry_points):
     load_short_names()
     parser = ArgumentParser(exit_on_error=False)

@@ -7,7 +7,7 @@ import torch
 
 from mthlib.fingerprint import model_fingerprint, state_fingerprint
 from mthlib.masking import Masks, SparseAdamW, base_view, frozen_digests, gather_values, swapped_to_base
-from tests.conftest import make_tiny_lm
+from tests.conftest import attached, make_tiny_lm
 
 IDS = torch.tensor([[5, 9, 17, 33, 2, 40]])
 
@@ -22,12 +22,13 @@ def _trained(seed: int = 0):
         {n: tuple(p.shape) for n, p in model.named_parameters() if p.dim() == 2},
     )
     base_values = gather_values(model, masks)
-    optimizer = SparseAdamW(model, masks, lr=0.05)
+    state = attached(model, masks)
+    optimizer = SparseAdamW(state, lr=0.05)
     for _ in range(3):
         model(input_ids=IDS, labels=IDS).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    optimizer.remove_hooks()
+    state.detach()
     return model, masks, base_values
 
 

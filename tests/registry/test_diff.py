@@ -1,4 +1,4 @@
-"""`diff` selects the entries a fine-tune changed beyond the tolerance, from every kind of weights file."""
+"""`diff` selects the entries a fine-tune changed beyond the tolerance (from any weights file), or a mask file's."""
 
 import pytest
 import torch
@@ -13,6 +13,7 @@ from tests.conftest import make_tiny_lm
 UP = "model.layers.1.mlp.up_proj.weight"
 EMBED = "model.embed_tokens.weight"
 HEAD = "lm_head.weight"
+NORM = "model.norm.weight"
 
 
 def tune(model, changes):
@@ -85,3 +86,37 @@ def test_bad_inputs_are_clear_errors(tiny_lm, tmp_path):
     save_file({"other.weight": torch.zeros(2, 2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(ValueError, match="has no parameter model.embed_tokens.weight"):
         Diff(finetuned=str(tmp_path / "other.safetensors")).compute(tiny_lm, None)
+
+
+@pytest.fixture
+def mask_file(tmp_path):
+    """A mask file (as ``mth masks build`` writes) over up, the embedding and a norm (not eligible by default)."""
+    path = tmp_path / "mask.safetensors"
+    Masks({UP: torch.tensor([3, 40, 41]), EMBED: torch.tensor([5]), NORM: torch.tensor([0, 1])},
+          {UP: (64, 32), EMBED: (64, 32), NORM: (32,)}).save(path)
+    return str(path)
+
+
+def test_a_mask_file_gives_its_entries_in_eligible_parameters(tiny_lm, mask_file, tmp_path):
+    masks = Diff(finetuned=mask_file).compute(tiny_lm, None)
+    assert masks[UP].tolist() == [3, 40, 41] and masks[EMBED].tolist() == [5] and masks.total == 4
+    assert NORM not in masks.names  # restricted to eligible parameters; eligible ones the file lacks are empty
+    with_norms = Diff(finetuned=mask_file, include_norms=True).compute(tiny_lm, None)
+    assert with_norms[NORM].tolist() == [0, 1] and with_norms.total == 6
+    # a binding cap keeps the earliest entries (no |diff| to rank by): the embedding first, then up's lowest
+    capped = Diff(finetuned=mask_file, sparsity=1 - 2 / 20480).compute(tiny_lm, None)
+    assert capped[EMBED].tolist() == [5] and capped[UP].tolist() == [3] and capped.total == 2
+    per = Diff(finetuned=mask_file, sparsity=1 - 1 / 2048, allocation="per_tensor").compute(tiny_lm, None)
+    assert per[UP].tolist() == [3] and per[EMBED].tolist() == [5]
+    Masks({UP: torch.tensor([3])}, {UP: (64, 32)}).save(tmp_path / "first.safetensors")
+    rest = Diff(finetuned=mask_file, exclude_mask=str(tmp_path / "first.safetensors")).compute(tiny_lm, None)
+    assert rest[UP].tolist() == [40, 41] and rest.total == 3
+
+
+def test_a_mask_file_of_another_model_is_refused(tiny_lm, tmp_path):
+    Masks({"encoder.weight": torch.tensor([1])}, {"encoder.weight": (4, 4)}).save(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="names encoder.weight, which the model does not have"):
+        Diff(finetuned=str(tmp_path / "other.safetensors")).compute(tiny_lm, None)
+    Masks({UP: torch.tensor([1])}, {UP: (32, 64)}).save(tmp_path / "shape.safetensors")
+    with pytest.raises(ValueError, match=r"has shape \(32, 64\) in mask file .* \(64, 32\) in the model"):
+        Diff(finetuned=str(tmp_path / "shape.safetensors")).compute(tiny_lm, None)

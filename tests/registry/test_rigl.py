@@ -129,10 +129,12 @@ def test_bad_arguments_are_refused():
 
 def test_rigl_in_a_lightning_fit_keeps_counts_and_the_frozen_part_bitwise(tmp_path):
     strategy = RigL(sparsity=0.9, drop_fraction=0.3, update_every=2, total_steps=10, num_samples=4)
-    module, callback = TinyModule(), MaskCallback(strategy, verify_every=1)
+    callback = MaskCallback(strategy, verify_every=1)
+    module = TinyModule(callback)
     trainer(tmp_path, 5, callback).fit(module, datamodule=TinyData())
     initial = strategy.compute(make_tiny_lm(seed=0), None)
-    assert callback.last_update_step == 4 and module.masks != initial
-    assert all(module.masks.count(n) == initial.count(n) for n in initial.names)
-    for name, param, base, keep in frozen_and_active(module.model, module.masks):
+    masks = callback.state.masks
+    assert callback.state.last_update_step == 4 and masks != initial
+    assert all(masks.count(n) == initial.count(n) for n in initial.names)
+    for name, param, base, keep in frozen_and_active(module.model, masks):
         assert torch.equal(param[~keep], base[~keep]), f"frozen (or dropped) entries of {name} are not the base"

@@ -7,14 +7,29 @@ usually that is one line combining :meth:`~MaskStrategy.accumulate` (or
 must be the same for every strategy (which parameters may be trained, how many entries
 are kept, how ties break, how tied weights count) lives here.
 
-Contract for subclasses: ``__init__`` takes only named, typed, defaulted arguments
-(no ``*args``/``**kwargs``) and stores each one as an attribute of the same name,
-because :meth:`MaskStrategy.config` reads them back to record the full configuration.
+Contract for subclasses: ``__init__`` declares only the strategy's own arguments (named,
+typed, defaulted, each stored as an attribute of the same name; no ``*args``) and
+``**options``, passed on unchanged with ``super().__init__(**options)``. The options every
+strategy shares (``sparsity``, ``allocation``, ``include``, ``exclude``, ``include_norms``,
+``include_biases``, ``include_embeddings``, ``seed``, ``exclude_mask``) are declared once,
+in :class:`MaskStrategy`'s signature, and documented once, in its ``Args:``. jsonargparse
+follows ``**options`` to that signature, so YAML (flat: ``init_args: {sparsity: 0.99,
+seed: 1}``), the command line and ``--help`` show them for every strategy, and a
+misspelled option is still an error. A strategy whose default differs declares that one
+option and passes it on (``sparsity: float = 0.0``, then
+``super().__init__(sparsity=sparsity, **options)``); a strategy that fixes an option
+passes a constant (``super().__init__(allocation="per_tensor", **options)``), which takes
+it out of the options. :meth:`MaskStrategy.config` records exactly the arguments
+jsonargparse shows, read back from the attributes. ``registry/magnitude.py`` is a
+complete example.
 """
 
+from __future__ import annotations
+
 import abc
+import ast
 import inspect
-import math
+import textwrap
 from collections.abc import Callable, Iterable, Mapping
 from fnmatch import fnmatchcase
 from typing import Any, ClassVar, Literal
@@ -22,55 +37,17 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from mthlib.distributed import all_reduce_sum_
+from mthlib.masking.calibration import Batch, gradient_sums
+from mthlib.masking.kinds import parameter_kinds
 from mthlib.masking.masks import Masks
-from mthlib.masking.optim import gathering_paused
-from mthlib.masking.sparse_backward import dense_weight_gradients
+from mthlib.masking.selection import select_top
 
 Allocation = Literal["global", "per_tensor"]
 """``global``: one top-k over every eligible entry; ``per_tensor``: the same density in every tensor."""
 
-ParameterKind = Literal["matrix", "embedding", "norm", "bias", "other"]
-
-Batch = Mapping[str, torch.Tensor]
-"""A calibration batch: ``input_ids`` and ``attention_mask`` ``(B, L)``, ``labels`` ``(B, L)`` (-100 = no loss)."""
 
 ScoreFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``score_fn(weight, grad) -> score`` of one parameter, all three of the parameter's shape."""
-
-
-def parameter_kinds(model: nn.Module) -> dict[str, ParameterKind]:
-    """Classify each parameter of ``model`` (tied ones once, under their first name).
-
-    ``embedding``: the weight of an :class:`~torch.nn.Embedding` or of the model's output
-    embeddings (``get_output_embeddings()``, the LM head); ``matrix``: any other parameter
-    with two or more dimensions; ``norm``: a 1-D parameter whose name contains ``norm`` or
-    whose module's class name does (``LayerNorm``, ``RMSNorm``), biases of norms included;
-    ``bias``: another 1-D parameter named ``*bias``; ``other``: the rest.
-    """
-    embeddings: set[int] = set()
-    owners: dict[int, str] = {}
-    for module in model.modules():
-        if isinstance(module, nn.Embedding):
-            embeddings.add(id(module.weight))
-        for param in module.parameters(recurse=False):
-            owners.setdefault(id(param), type(module).__name__)
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if isinstance(getattr(output, "weight", None), torch.Tensor):
-        embeddings.add(id(output.weight))
-    kinds: dict[str, ParameterKind] = {}
-    for name, param in model.named_parameters():
-        if id(param) in embeddings:
-            kinds[name] = "embedding"
-        elif param.dim() >= 2:
-            kinds[name] = "matrix"
-        elif "norm" in name.lower() or "norm" in owners.get(id(param), "").lower():
-            kinds[name] = "norm"
-        elif name.rsplit(".", 1)[-1] == "bias":
-            kinds[name] = "bias"
-        else:
-            kinds[name] = "other"
-    return kinds
 
 
 class MaskStrategy(abc.ABC):
@@ -89,6 +66,11 @@ class MaskStrategy(abc.ABC):
     the blog's ``int(numel * keep_ratio)``; ``n`` is all eligible entries (``global``) or one
     tensor's entries (``per_tensor``).
 
+    The arguments below are the options every strategy shares: a subclass takes them as
+    ``**options`` and passes them on (see the module docstring), so they are documented
+    here only. :meth:`top_k` drops ``exclude_mask`` entries before ranking; a strategy
+    that does not use :meth:`top_k` reads them with :meth:`exclusion`.
+
     Args:
         sparsity: Fraction of eligible entries that stay frozen (0.99 trains 1%).
         allocation: ``global`` top-k over the model, or ``per_tensor`` with the same density in every tensor.
@@ -98,10 +80,9 @@ class MaskStrategy(abc.ABC):
         include_biases: Let biases be trained.
         include_embeddings: Let the input embeddings and the LM head be trained.
         seed: Seed of every random choice the strategy makes (sampling, calibration order).
-        exclude_mask: Path of a :class:`~mthlib.masking.Masks` file whose active entries may
-            never be selected (sequential multi-task training: task 1's entries stay frozen
-            for task 2). :meth:`top_k` drops them before ranking; strategies that do not use
-            :meth:`top_k` read them with :meth:`exclusion`.
+        exclude_mask: Path of a :class:`~mthlib.masking.Masks` file (or sparse delta) whose
+            active entries are never selected (sequential multi-task training: task 1's
+            entries stay frozen for task 2).
 
     Raises:
         ValueError: ``sparsity`` outside [0, 1) or an unknown ``allocation``.
@@ -256,11 +237,11 @@ class MaskStrategy(abc.ABC):
         excluded = self._excluded_indices(shapes)
         if self.allocation == "global":
             k = self.keep_count(sum(s.numel() for s in scores.values()))
-            chosen = _select(scores, k, excluded)
+            chosen = select_top(scores, k, excluded)
         else:
             chosen = {}
             for name, score in scores.items():
-                chosen.update(_select({name: score}, self.keep_count(score.numel()), excluded))
+                chosen.update(select_top({name: score}, self.keep_count(score.numel()), excluded))
         return Masks(chosen, shapes)
 
     def _excluded_indices(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
@@ -286,14 +267,15 @@ class MaskStrategy(abc.ABC):
         existing ``.grad`` and the train/eval mode are restored afterwards. Gradients are
         folded into fp32 buffers as soon as they are produced, so dense ``.grad`` tensors
         never accumulate. Safe during sparse training: a :class:`~mthlib.masking.SparseAdamW`
-        on the same model neither sees nor loses these gradients. Under data-parallel
+        on the same model neither sees nor loses these gradients when the pass runs inside
+        :meth:`~mthlib.masking.SparseState.calibrating`. Under data-parallel
         training the sums cover every process's batches (each process passes its share).
 
         Returns:
             Name to ``score_fn(weight, summed_grad)`` for every eligible parameter.
         """
         params = self.eligible(model)
-        grads = _gradient_pass(model, params, batches, squared=False, per_sample=False)
+        grads = gradient_sums(model, params, batches, squared=False, per_sample=False)
         return {name: score_fn(params[name].detach(), grads.pop(name)) for name in list(grads)}
 
     def squared_grads(self, model: nn.Module, batches: Iterable[Batch], per_sample: bool = False) -> dict[str, torch.Tensor]:
@@ -311,24 +293,25 @@ class MaskStrategy(abc.ABC):
         Returns:
             Name to an fp32 tensor of the parameter's shape.
         """
-        return _gradient_pass(model, self.eligible(model), batches, squared=True, per_sample=per_sample)
+        return gradient_sums(model, self.eligible(model), batches, squared=True, per_sample=per_sample)
 
     # -- configuration ----------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
         """The full configuration: ``{"class_path", "name", "init_args"}``, JSON-serialisable.
 
-        ``init_args`` holds every ``__init__`` argument, read back from the attribute of
-        the same name (tuples become lists).
+        ``init_args`` holds every argument the class accepts, as YAML and the command line
+        see them: the strategy's own ``__init__`` arguments, then the shared options it
+        takes through ``**options`` (except those its ``super().__init__`` call fixes),
+        each read back from the attribute of the same name (tuples become lists).
 
         Raises:
-            TypeError: ``__init__`` takes ``*args``/``**kwargs`` or an argument is not stored.
+            TypeError: ``__init__`` takes ``*args``, takes ``**options`` without passing
+                them to ``super().__init__``, or does not store an argument.
         """
         cls = type(self)
         origin = cls.__dict__.get("_alias_of") or cls
         init_args = {}
-        for pname, param in list(inspect.signature(cls.__init__).parameters.items())[1:]:
-            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-                raise TypeError(f"{origin.__name__}.__init__ takes *{pname}; strategies take only named arguments")
+        for pname in self._argument_names():
             if not hasattr(self, pname):
                 raise TypeError(
                     f"{origin.__name__}.__init__ takes {pname!r} but does not store it; set self.{pname} = {pname}"
@@ -337,141 +320,47 @@ class MaskStrategy(abc.ABC):
             init_args[pname] = list(value) if isinstance(value, tuple) else value
         return {"class_path": f"{origin.__module__}.{origin.__qualname__}", "name": self.name, "init_args": init_args}
 
+    @classmethod
+    def _argument_names(cls) -> list[str]:
+        """Own ``__init__`` arguments, then via ``**options`` the parents' not given explicitly (as jsonargparse)."""
+        names: list[str] = []
+        given_positionally, given_by_name = 0, set()
+        for klass in [k for k in cls.__mro__ if "__init__" in vars(k)]:
+            forwarded = None
+            params = list(inspect.signature(klass.__init__).parameters.values())[1:]
+            for index, param in enumerate(params):
+                if param.kind is param.VAR_POSITIONAL:
+                    raise TypeError(f"{klass.__name__}.__init__ takes *{param.name}; use named arguments only")
+                if param.kind is param.VAR_KEYWORD:
+                    forwarded = param.name
+                elif index >= given_positionally and param.name not in given_by_name and param.name not in names:
+                    names.append(param.name)
+            if forwarded is None:
+                break
+            given_positionally, named = cls._super_init_arguments(klass, forwarded)
+            given_by_name |= named
+        return names
+
+    @staticmethod
+    def _super_init_arguments(klass: type, options: str) -> tuple[int, set[str]]:
+        """The number of positional arguments and the named ones ``klass.__init__`` gives ``super().__init__``.
+
+        Read from the source, as jsonargparse does; without source, none. Raises
+        :class:`TypeError` when the source has no ``super().__init__(..., **options)`` call.
+        """
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass.__init__)))
+        except (OSError, TypeError, SyntaxError):
+            return 0, set()
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "__init__"
+                    and isinstance(node.func.value, ast.Call) and getattr(node.func.value.func, "id", None) == "super"
+                    and any(kw.arg is None for kw in node.keywords)):
+                return len(node.args), {kw.arg for kw in node.keywords if kw.arg is not None}
+        raise TypeError(
+            f"{klass.__name__}.__init__ takes **{options} but does not pass them on; call super().__init__(**{options})"
+        )
+
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config()["init_args"].items())
         return f"{type(self).__name__}({args})"
-
-
-def _select(scores: Mapping[str, torch.Tensor], k: int, excluded: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The ``k`` best entries of ``scores`` taken together (ties: tensor order, then flat index)."""
-    numel = sum(s.numel() for s in scores.values())
-    blocked = sum(int(excluded[name].numel()) for name in scores if name in excluded)
-    if k > numel - blocked:
-        raise ValueError(f"cannot keep {k} entries: only {numel - blocked} of {numel} are not in exclude_mask")
-    if k == 0:
-        return {name: torch.zeros(0, dtype=torch.int64) for name in scores}
-    dtype = torch.float64 if any(s.dtype == torch.float64 for s in scores.values()) else torch.float32
-    values = torch.cat([s.detach().reshape(-1).to(dtype) for s in scores.values()])
-    offsets, offset = {}, 0
-    for name, score in scores.items():
-        offsets[name] = offset
-        if name in excluded and excluded[name].numel():
-            values[offset + excluded[name].to(values.device)] = -math.inf
-        offset += score.numel()
-    threshold = _kth_largest(values, k)
-    remaining = k - int(torch.count_nonzero(values > threshold))
-    chosen = {}
-    for name, score in scores.items():
-        flat = values[offsets[name]: offsets[name] + score.numel()]
-        above = torch.nonzero(flat > threshold).view(-1)
-        taken = _first_ties(flat, threshold, remaining, excluded.get(name))
-        remaining -= int(taken.numel())
-        chosen[name] = torch.sort(torch.cat([above, taken])).values.cpu()
-    return chosen
-
-
-def _first_ties(
-    flat: torch.Tensor, threshold: torch.Tensor, limit: int, excluded: torch.Tensor | None, chunk: int = 1 << 22
-) -> torch.Tensor:
-    """The first ``limit`` positions where ``flat == threshold``, outside ``excluded``, in order.
-
-    Searched a chunk at a time, so a huge tie class (e.g. millions of zero scores) costs
-    the positions actually taken, not an index of every tied entry.
-    """
-    found = [torch.zeros(0, dtype=torch.int64, device=flat.device)]
-    for start in range(0, flat.numel(), chunk):
-        if limit <= 0:
-            break
-        part = torch.nonzero(flat[start: start + chunk] == threshold).view(-1) + start
-        if excluded is not None and part.numel():
-            part = part[~torch.isin(part, excluded.to(part.device))]
-        part = part[:limit]
-        found.append(part)
-        limit -= part.numel()
-    return torch.cat(found)
-
-
-def _kth_largest(values: torch.Tensor, k: int, sample_size: int = 1 << 20) -> torch.Tensor:
-    """The ``k``-th largest entry of the 1-D ``values``, exactly, ranking only a small part of them.
-
-    :func:`torch.kthvalue` on the whole vector would copy it and add int64 indices (three
-    times the scores' memory: 1.5 GiB for a 134M-parameter model). Instead a fixed-seed
-    random sample gives a lower bound that about ``2k`` entries exceed, and only the
-    entries at or above it are ranked; an unlucky bound is lowered until enough pass.
-    """
-    n = values.numel()
-    if n <= 4 * sample_size:
-        return torch.kthvalue(values, n - k + 1).values
-    generator = torch.Generator(device=values.device).manual_seed(0)
-    sample = values[torch.randint(n, (sample_size,), generator=generator, device=values.device)]
-    level = 1.0 - min(1.0, 2.0 * k / n + 1e-3)
-    while True:
-        bound = torch.quantile(sample, level, interpolation="lower") if level > 0 else values.min()
-        above = values[values >= bound]
-        if above.numel() >= k:
-            return torch.kthvalue(above, above.numel() - k + 1).values
-        level = max(0.0, 2.0 * level - 1.0)
-
-
-def _gradient_pass(
-    model: nn.Module, params: Mapping[str, nn.Parameter], batches: Iterable[Batch], squared: bool, per_sample: bool
-) -> dict[str, torch.Tensor]:
-    """Fold the loss gradients of ``params`` into fp32 buffers (sum of g, or of g**2).
-
-    Under ``torch.distributed`` (data-parallel training) each process passes its own share
-    of the calibration batches and the sums are all-reduced, so every process gets the
-    statistics of all batches and chooses the same mask.
-    """
-    buffers = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
-    by_id = {id(p): buffers[name] for name, p in params.items()}
-
-    def fold(param: torch.Tensor) -> None:
-        grad = param.grad.float()
-        if squared:
-            by_id[id(param)].addcmul_(grad, grad)
-        else:
-            by_id[id(param)].add_(grad)
-        param.grad = None
-
-    everything = list(model.parameters())
-    saved = [(p, p.requires_grad, p.grad) for p in everything]
-    was_training = model.training
-    handles = []
-    device = everything[0].device
-    passes = 0
-    try:
-        for p in everything:
-            p.grad = None
-            p.requires_grad_(id(p) in by_id)
-        handles = [p.register_post_accumulate_grad_hook(fold) for p in params.values()]
-        model.eval()
-        with torch.enable_grad(), gathering_paused(everything), dense_weight_gradients():
-            for batch in batches:
-                for piece in (_rows(batch) if per_sample else [batch]):
-                    if "labels" in piece and bool((piece["labels"] == -100).all()):
-                        continue  # no target token: Hugging Face's mean loss would be NaN
-                    loss = model(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in piece.items()}).loss
-                    if loss is None:
-                        raise ValueError("calibration batches need 'labels' so the model returns a loss")
-                    loss.backward()
-                    passes += 1
-        counted = torch.tensor([passes], dtype=torch.int64, device=device)
-        all_reduce_sum_([counted, *buffers.values()])
-        if int(counted) == 0:
-            raise ValueError("no calibration batches with target tokens were given; the strategy needs at least one")
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p, requires_grad, grad in saved:
-            p.requires_grad_(requires_grad)
-            p.grad = grad
-        model.train(was_training)
-    return buffers
-
-
-def _rows(batch: Batch) -> Iterable[dict[str, Any]]:
-    """Split a batch into single-sequence batches (tensors whose first dimension is the batch)."""
-    size = int(batch["input_ids"].shape[0])
-    for i in range(size):
-        yield {k: v[i: i + 1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == size else v
-               for k, v in batch.items()}

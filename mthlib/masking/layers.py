@@ -1,0 +1,151 @@
+"""Masked linear layers: weight gradients at the active entries only.
+
+A dense backward computes ``grad_W = grad_out^T @ input`` (``N * out * in`` multiply-adds)
+and then throws away all but the ``k`` active entries. :class:`ActiveEntryLinear` computes
+the active entries directly, ``grad_W[r, c] = sum_n grad_out[n, r] * input[n, c]``
+(``N * k`` multiply-adds, a sampled dense-dense product, :func:`torch.sparse.sampled_addmm`),
+and hands them to autograd as a coalesced sparse gradient whose values are in the mask's
+(sorted flat index) order. The input gradient stays dense.
+
+The layer is an explicit module, as PEFT's adapters are: :func:`wrap_linear_layers` puts one
+in place of each sparse enough ``nn.Linear`` and returns a :class:`LayerSwap` that puts the
+originals back. It holds the *same* parameter objects as the layer it replaces, so parameter
+names, ``state_dict`` keys, tied weights and optimizers are unchanged.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DENSE_FRACTION = 0.25
+"""Above this density a layer keeps the dense weight gradient (the gather costs more than the matmul)."""
+
+
+class _ActiveEntryProduct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, pattern, rows, cols):  # noqa: ANN001, ANN205 - autograd signature
+        ctx.save_for_backward(x, weight)
+        ctx.pattern, ctx.rows, ctx.cols = pattern, rows, cols
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205 - autograd signature
+        x, weight = ctx.saved_tensors
+        grad_x = grad_out @ weight.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
+        flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[1]:
+            flat_x = x.reshape(-1, x.shape[-1]).float()
+            sampled = torch.sparse.sampled_addmm(ctx.pattern, flat_grad.t().float().contiguous(), flat_x, beta=0.0)
+            grad_w = torch.sparse_coo_tensor(
+                torch.stack([ctx.rows, ctx.cols]), sampled.values().to(weight.dtype), weight.shape,
+                is_coalesced=True, check_invariants=False,
+            )
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = flat_grad.sum(dim=0)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+class ActiveEntryLinear(nn.Module):
+    """A linear layer whose weight gradient is computed at the active entries only.
+
+    Forward is exactly :func:`torch.nn.functional.linear`. Backward gives the weight a
+    sparse COO gradient holding the active entries (values in sorted flat-index order),
+    unless :meth:`use_dense_gradients` switched the layer to ordinary dense gradients
+    (calibration passes need the gradient of every entry), grad is disabled, or the
+    weight does not require grad.
+
+    Args:
+        linear: The layer replaced; its ``weight`` and ``bias`` parameters are shared, not copied.
+        indices: Sorted flat indices of the weight's active entries.
+    """
+
+    def __init__(self, linear: nn.Linear, indices: torch.Tensor) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        idx = indices.to(linear.weight.device, torch.int64)
+        rows, cols = idx // self.in_features, idx % self.in_features
+        crow = torch.zeros(self.out_features + 1, dtype=torch.int64, device=idx.device)
+        crow[1:] = torch.bincount(rows, minlength=self.out_features).cumsum(0)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+            self._pattern = torch.sparse_csr_tensor(
+                crow, cols, torch.zeros(idx.numel(), device=idx.device), (self.out_features, self.in_features),
+                check_invariants=False,
+            )
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+        self._dense = False
+
+    def use_dense_gradients(self, dense: bool) -> None:
+        """Switch between active-entry (``False``) and ordinary dense (``True``) weight gradients."""
+        self._dense = dense
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense or not torch.is_grad_enabled() or not self.weight.requires_grad:
+            return F.linear(x, self.weight, self.bias)
+        return _ActiveEntryProduct.apply(x, self.weight, self.bias, self._pattern, self.rows, self.cols)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, active={self.rows.numel()}"
+
+
+@dataclass
+class LayerSwap:
+    """The layers :func:`wrap_linear_layers` replaced, so :meth:`restore` can put them back."""
+
+    model: nn.Module
+    replaced: dict[str, nn.Linear]
+    wrappers: dict[str, ActiveEntryLinear]
+
+    def use_dense_gradients(self, dense: bool) -> None:
+        """Switch every wrapper between active-entry and dense weight gradients."""
+        for wrapper in self.wrappers.values():
+            wrapper.use_dense_gradients(dense)
+
+    def restore(self) -> None:
+        """Put the original ``nn.Linear`` modules back (parameters were shared, so nothing is copied)."""
+        for name, linear in self.replaced.items():
+            _set_submodule(self.model, name, linear)
+        self.replaced, self.wrappers = {}, {}
+
+
+def wrap_linear_layers(model: nn.Module, indices: Mapping[str, torch.Tensor]) -> LayerSwap:
+    """Replace every ``nn.Linear`` whose weight has few enough active entries by an :class:`ActiveEntryLinear`.
+
+    A layer keeps its dense path when its weight has no active entry (it then needs no
+    weight gradient at all) or more than :data:`DENSE_FRACTION` of its entries are active.
+
+    Args:
+        model: The model being trained.
+        indices: Parameter name to sorted flat indices of active entries.
+
+    Returns:
+        What was replaced; call :meth:`LayerSwap.restore` to undo.
+    """
+    replaced, wrappers = {}, {}
+    for name, module in list(model.named_modules()):
+        idx = indices.get(f"{name}.weight" if name else "weight")
+        if type(module) is not nn.Linear or not name or idx is None or not idx.numel():
+            continue
+        if idx.numel() > DENSE_FRACTION * module.weight.numel():
+            continue
+        wrapper = ActiveEntryLinear(module, idx)
+        _set_submodule(model, name, wrapper)
+        replaced[name], wrappers[name] = module, wrapper
+    return LayerSwap(model, replaced, wrappers)
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    parent.register_module(child, module)
