@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 
 STRATEGY_NAME = "ddp_sparse"
 
@@ -75,6 +75,19 @@ class SparseDDPStrategy(DDPStrategy):
 
     def configure_ddp(self) -> None:
         """Keep the module unwrapped: gradients are synchronised by the module, active entries only."""
+
+
+def check_masked_strategy(strategy: Strategy) -> None:
+    """Refuse a training strategy that cannot train a masked module.
+
+    Raises:
+        ValueError: Lightning's ``DistributedDataParallel`` strategy (use ``ddp_sparse``).
+    """
+    if isinstance(strategy, DDPStrategy) and not isinstance(strategy, SparseDDPStrategy):
+        raise ValueError(
+            f"a masked run cannot use {type(strategy).__name__}: DistributedDataParallel all-reduces dense gradients "
+            f"that SparseAdamW frees; use strategy '{STRATEGY_NAME}' (mthlib.distributed.SparseDDPStrategy)"
+        )
 
 
 StrategyRegistry.register(

@@ -47,9 +47,14 @@ def export_model(
 
     Returns:
         The folder written.
+
+    Raises:
+        ValueError: The delta breaks the format (e.g. a NaN or Inf value); nothing is written.
     """
     if format not in ("hf", "delta"):
         raise ValueError(f"format must be 'hf' or 'delta', not {format!r}")
+    if isinstance(delta, SparseDelta):
+        delta.validate()  # checked as a file is on load (e.g. no NaN or Inf value), before the base loads
     loaded = delta if isinstance(delta, SparseDelta) else load_delta(delta)
     target = Path(out)
     if target.exists() and not overwrite:

@@ -10,6 +10,7 @@ import json
 from typing import Literal
 
 from mthlib.analysis import commands as analyze_commands
+from mthlib.analysis.plot_run import plot_run
 
 
 def masks_list() -> None:
@@ -23,7 +24,7 @@ def masks_list() -> None:
         print(f"{name:<{width}}  {summary}")
 
 
-def masks_build(config: str, out: str) -> None:
+def masks_build(config: list[str] | str, out: str) -> None:
     """Compute the mask a fit config would train, without training, and save it.
 
     The mask is the one ``mth fit --config CONFIG`` trains, bitwise: both reach it through
@@ -32,13 +33,17 @@ def masks_build(config: str, out: str) -> None:
     model's fingerprint, and is a valid mask for a run (the ``file`` strategy).
 
     Args:
-        config: An ``mth fit`` YAML config, e.g. ``configs/fisher99.yaml``.
+        config: An ``mth fit`` YAML config, e.g. ``configs/fisher99.yaml``. Several are
+            layered as ``mth fit`` layers them (later files win), given either as repeated
+            options, ``--config configs/random99.yaml --config seed.yaml``, or as one list,
+            ``--config '[configs/random99.yaml, seed.yaml]'``.
         out: The ``.safetensors`` file to write (atomically).
     """
     from mthlib.cli import MthCLI
     from mthlib.masking import compute_masks
 
-    cli = MthCLI(args=["--config", config], run=False)
+    files = [config] if isinstance(config, str) else config
+    cli = MthCLI(args=[word for path in files for word in ("--config", path)], run=False)
     module, strategy = cli.model, cli.model.mask_strategy
     if strategy is None:
         raise ValueError("the config sets no mask (model.mask); nothing to build")
@@ -89,10 +94,12 @@ COMMANDS = {
         "consecutive": analyze_commands.consecutive,
     },
     "export": export,
+    "plot": plot_run,
 }
 
 DESCRIPTIONS = {
     "masks": "List mask strategies, or build a mask without training.",
     "analyze": "Measure what training changed: update sparsity, rank, overlap, consecutive checkpoints.",
     "export": "Apply sparse deltas to their base and write a Hugging Face folder.",
+    "plot": "Draw PNG curves (reward, scores, loss, KL, evaluation, step time) of a run from its metrics.csv.",
 }

@@ -190,6 +190,6 @@ def test_masked_run_under_pytorch_ddp_is_one_error_line(tiny_model, tmp_path):
     result = fit_two_ranks(tmp_path, tiny_model, "ddp", FISHER)
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1] == (
-        "mth: error: a masked run cannot use DDPStrategy: DistributedDataParallel all-reduces dense gradients "
+        "mth fit: error: a masked run cannot use DDPStrategy: DistributedDataParallel all-reduces dense gradients "
         "that SparseAdamW frees; use strategy 'ddp_sparse' (mthlib.distributed.SparseDDPStrategy)"
     )

@@ -125,3 +125,19 @@ def test_the_file_strategy_checks_shapes_and_records_the_file(tmp_path):
         strategy.compute(make_tiny_lm(seed=0, hidden=16), None)
     with pytest.raises(FileNotFoundError, match="mask file not found"):
         build_mask("file", path=str(tmp_path / "missing.safetensors"))
+
+
+@pytest.mark.parametrize("form", ["repeated", "list"])
+def test_masks_build_layers_several_configs_in_order_as_fit_does(form, tiny_model, tmp_path):
+    base = write_config(tmp_path, tiny_model, "layered", "{class_path: random, init_args: {sparsity: 0.9, seed: 1}}")
+    seed = tmp_path / "seed.yaml"
+    seed.write_text("model:\n  mask:\n    init_args: {seed: 5}\n")
+    configs = ["--config", str(base), "--config", str(seed)] if form == "repeated" else ["--config", f"[{base}, {seed}]"]
+    main(["masks", "build", *configs, "--out", str(tmp_path / "layered.safetensors")])
+    layered = Masks.load(tmp_path / "layered.safetensors")
+    model = make_tiny_chat_lm(seed=3)[0]
+    expected = build_mask("random", sparsity=0.9, seed=5).compute(model, None)
+    first_file_only = build_mask("random", sparsity=0.9, seed=1).compute(model, None)
+    assert sorted(layered) == sorted(expected)
+    assert all(torch.equal(layered[name], expected[name]) for name in expected)  # the second file's seed won
+    assert not all(torch.equal(layered[name], first_file_only[name]) for name in expected)

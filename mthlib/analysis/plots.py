@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,3 +98,23 @@ def consecutive_plot(result: ConsecutiveResult, out: str | os.PathLike) -> list[
     axes.set_ylabel("entries changed since previous checkpoint (%)")
     axes.set_title(f"tol={result.tol:g}")
     return [_save(figure, Path(out) / "consecutive.png")]
+
+
+def curves_plot(
+    curves: Mapping[str, Sequence[tuple[float, float]]], title: str, path: str | os.PathLike
+) -> Path | None:
+    """Line plot of named ``(step, value)`` curves on one set of axes; None without matplotlib.
+
+    Curves of 20 points or fewer (e.g. evaluations) get markers.
+    """
+    figure = _figure(6.0, 3.5)
+    if figure is None:
+        return None
+    axes = figure.add_subplot()
+    for name, points in curves.items():
+        steps, values = zip(*points)
+        axes.plot(steps, values, label=name, marker="o" if len(points) <= 20 else None, markersize=3)
+    axes.set_xlabel("step")
+    axes.set_title(title)
+    axes.legend(fontsize=8)
+    return _save(figure, Path(path))

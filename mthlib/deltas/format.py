@@ -132,7 +132,7 @@ def _check_scalar_metadata(metadata: Mapping[str, str]) -> None:
 
 
 def check_entries(name: str, indices: Tensor, values: Tensor, shape: Sequence[int]) -> None:
-    """Check one parameter's stored entries against the format (dtype rule, order, range, lengths)."""
+    """Check one parameter's stored entries against the format (dtype rule, finite values, order, range, lengths)."""
     numel = math.prod(shape)
     expected = index_dtype(numel)
     if indices.dtype != expected:
@@ -144,6 +144,9 @@ def check_entries(name: str, indices: Tensor, values: Tensor, shape: Sequence[in
         raise ValueError(f"{name}: {indices.numel()} indices but {values.numel()} values")
     if not values.is_floating_point():
         raise ValueError(f"{name}.values is {values.dtype}, expected a floating-point dtype")
+    nonfinite = int((~values.isfinite()).sum())
+    if nonfinite:
+        raise ValueError(f"{name}.values holds {nonfinite} non-finite value(s) (NaN or Inf); a delta stores finite values only")
     if indices.numel() == 0:
         return
     if bool((indices[1:] <= indices[:-1]).any()):
@@ -235,6 +238,9 @@ def save_delta(
 
     Returns:
         The written path.
+
+    Raises:
+        ValueError: Unknown parameter names, or a trained value that is NaN or Inf (nothing is written).
     """
     params = parameter_lookup(model)
     unknown = sorted(set(indices) - set(params))
@@ -249,8 +255,11 @@ def save_delta(
         kept[name] = flat_idx
         values[name] = param.detach().reshape(-1)[flat_idx.to(param.device)]
         shapes[name] = tuple(param.shape)
-    delta = build_delta(kept, values, shapes, base_model=base_model, base_fingerprint=base_fingerprint,
-                        strategy=strategy, sparsity=sparsity, step=step)
+    try:
+        delta = build_delta(kept, values, shapes, base_model=base_model, base_fingerprint=base_fingerprint,
+                            strategy=strategy, sparsity=sparsity, step=step)
+    except ValueError as err:
+        raise ValueError(f"cannot save delta {path}: {err}") from None
     return write_delta(delta, path)
 
 

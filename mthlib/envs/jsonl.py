@@ -28,7 +28,10 @@ def load_jsonl(path: str | Path, prompt_key: str, answer_key: str) -> list[tuple
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: invalid JSON ({error.msg})") from error
+            raise ValueError(
+                f"{path}:{number}: invalid JSON at column {error.colno} ({error.msg}); each line must be one "
+                f'JSON object such as {{"{prompt_key}": "...", "{answer_key}": "..."}}'
+            ) from error
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{number}: expected a JSON object with keys {prompt_key!r} and {answer_key!r}")
         for key in (prompt_key, answer_key):

@@ -1,11 +1,13 @@
-"""What a GRPO training step logs, named as TRL logs it, computed from the step's rollout and rewards."""
+"""What a GRPO run logs: each training step's metrics, named as TRL logs them, and evaluation means."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
 import torch
+from torchmetrics import MeanMetric
 
+from mthlib.envs.base import Environment, Episode
 from mthlib.grpo.objective import batch_reward_std
 from mthlib.grpo.rollout import Rollout
 
@@ -46,3 +48,37 @@ def step_metrics(
         if key != "reward":
             metrics[f"rewards/{key}"] = torch.tensor(sum(s[key] for s in scores) / len(scores))
     return metrics
+
+
+class EvaluationMetrics(torch.nn.ModuleDict):
+    """The mean, over an evaluation epoch, of every metric an environment declares (``Environment.metrics``).
+
+    A module attribute, so the running means move to the module's device and sum across processes.
+
+    Args:
+        keys: The metric names (``env.metrics``); none before the environment is known.
+    """
+
+    def __init__(self, keys: Sequence[str] = ()) -> None:
+        super().__init__({key: MeanMetric() for key in keys})
+
+    def add(self, env: Environment, episodes: Sequence[Episode], replies: Sequence[list[str]]) -> None:
+        """Score each episode's replies and add every declared metric to its mean.
+
+        Raises:
+            ValueError: ``env.score`` left out a metric the environment declares.
+        """
+        for episode, turns in zip(episodes, replies):
+            score = env.score(episode, turns)
+            missing = [key for key in self if key not in score]
+            if missing:
+                raise ValueError(f"{type(env).__name__}.score returned {sorted(score)}, without the declared metrics {missing}")
+            for key, metric in self.items():
+                metric.update(score[key])
+
+    def compute_and_reset(self) -> dict[str, torch.Tensor]:
+        """Each metric's mean over the epoch (metrics with no update left out); every mean starts again."""
+        means = {key: metric.compute() for key, metric in self.items() if metric.update_count}
+        for metric in self.values():
+            metric.reset()
+        return means

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import random
 import time
 from collections import defaultdict
 from dataclasses import fields, replace
@@ -11,21 +10,23 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.strategies import DDPStrategy
 from torch.nn.parallel import DistributedDataParallel
-from torchmetrics import MeanMetric
 
 from mthlib.checkpoints import FinalModel, SparseDeltaCheckpoint
-from mthlib.distributed import STRATEGY_NAME as DDP_SPARSE, SparseDDPStrategy
+from mthlib.distributed import check_masked_strategy
 from mthlib.envs.base import Environment, Episode
 from mthlib.grpo.loss import ImportanceSamplingLevel, LossType, Normalizer, ScaleRewards, mask_truncated, masked_mean
 from mthlib.grpo.gradients import clip_gradients, synchronise_gradients
-from mthlib.grpo.metrics import step_metrics
+from mthlib.grpo import resume
+from mthlib.grpo.guard import NonFiniteGuard
+from mthlib.grpo.metrics import EvaluationMetrics, step_metrics
 from mthlib.grpo.objective import GRPOObjective, batch_advantages, batch_normalizer
 from mthlib.grpo.rollout import Rollout, SamplingConfig, generate_rollout, rollout_logprobs, token_logprobs
 from mthlib.masking import MaskCallback, MaskStrategy, SparseAdamW, SparseState
 from mthlib.fingerprint import model_fingerprint
-from mthlib.models import EMBEDDED, load_model
+from mthlib.models import EMBEDDED, enable_activation_checkpointing, load_model
+from mthlib.monitor import StepSamples, watch_callbacks
+
 
 class GRPOModule(pl.LightningModule):
     """GRPO fine-tuning of a causal LM, optionally restricted to a sparse subnetwork.
@@ -89,6 +90,11 @@ class GRPOModule(pl.LightningModule):
             smaller passes lower the peak memory of building the mask, not its result.
         delta_every_n_steps: With a mask, write a sparse delta every this many steps (and at the end).
         delta_keep_last: Sparse delta files kept in the run's ``deltas/`` folder.
+        max_bad_steps: A step whose rewards, advantages, loss or gradients hold a NaN or Inf is skipped
+            (no weight or optimizer state changes) and logged as ``guard/skipped_steps``; after this many
+            in a row the run stops with one line naming the first bad quantity and its step.
+        divergence_factor: Warn once when the loss or the KL exceeds this many times its running median
+            (``None``: no warning); see :class:`~mthlib.grpo.guard.NonFiniteGuard`.
     """
 
     def __init__(
@@ -131,8 +137,12 @@ class GRPOModule(pl.LightningModule):
         calibration_batch_size: int = 8,
         delta_every_n_steps: int = 50,
         delta_keep_last: int = 3,
+        max_bad_steps: int = 3,
+        divergence_factor: float | None = 100.0,
     ) -> None:
         super().__init__()
+        if not learning_rate >= 0:
+            raise ValueError(f"learning_rate must be >= 0 (the AdamW step size); got {learning_rate}")
         if num_generations < 2:
             raise ValueError(f"num_generations must be >= 2 (group advantages need a group); got {num_generations}")
         if micro_batch_size < 1 or num_iterations < 1:
@@ -140,36 +150,35 @@ class GRPOModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["mask"])
         self.hparams["mask"] = mask.config() if mask is not None else None
         self._objective()  # a bad loss option fails here, before the model loads
+        self.guard = NonFiniteGuard(max_bad_steps, divergence_factor)
         self.automatic_optimization = False
         self.model, self.tokenizer = load_model(model_name_or_path, dtype)
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.model)
         self.mask_strategy = mask
         self.base_fingerprint = model_fingerprint(self.model)
         self.mask_callback = None if mask is None else MaskCallback(
             mask, verify_every=verify_every, calibration_batch_size=calibration_batch_size, save_base_values=False
         )
         self.reference = None
+        self.last_samples: StepSamples | None = None
         self.prompts_seen = 0
-        self._pending_values: dict[str, torch.Tensor] | None = None
-        self._pending_rng: dict[str, Any] | None = None
+        self._restored: resume.ResumeState | None = None  # from on_load_checkpoint until the first batch
         self.sampling = SamplingConfig(max_completion_length, temperature, top_p, top_k)
         self.eval_sampling = SamplingConfig(
             eval_max_completion_length or max_completion_length, temperature, top_p, top_k, greedy=True
         )
-        self.val_metrics = torch.nn.ModuleDict()
+        self.val_metrics = EvaluationMetrics()
 
     # -- Lightning wiring -------------------------------------------------------------------
     def configure_callbacks(self) -> list[pl.Callback]:
+        """The run's own callbacks (final model or mask and deltas) and what lets a user watch it (:mod:`mthlib.monitor`)."""
+        watch = watch_callbacks(self.trainer)
         if self.mask_callback is None:
-            return [FinalModel()]
-        return [
-            self.mask_callback,
-            SparseDeltaCheckpoint(
-                self.mask_callback, base_model=self.hparams.model_name_or_path,
-                every_n_steps=self.hparams.delta_every_n_steps, keep_last=self.hparams.delta_keep_last,
-            ),
-        ]
+            return [FinalModel(), *watch]
+        deltas = SparseDeltaCheckpoint(self.mask_callback, base_model=self.hparams.model_name_or_path,
+                                       every_n_steps=self.hparams.delta_every_n_steps, keep_last=self.hparams.delta_keep_last)
+        return [self.mask_callback, deltas, *watch]
 
     @property
     def sparse_state(self) -> SparseState | None:
@@ -182,82 +191,71 @@ class GRPOModule(pl.LightningModule):
             self.check_strategy(self.trainer.strategy)
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "env"):
-            self.val_metrics = torch.nn.ModuleDict({key: MeanMetric() for key in self.env.metrics})
+            self.val_metrics = EvaluationMetrics(self.env.metrics)
 
     def check_strategy(self, strategy: pl.strategies.Strategy) -> None:
-        """Refuse a training strategy that cannot train this module.
-
-        Raises:
-            ValueError: A masked module under ``DistributedDataParallel`` (use ``ddp_sparse``).
-        """
-        if self.mask_strategy is not None and isinstance(strategy, DDPStrategy) and not isinstance(strategy, SparseDDPStrategy):
-            raise ValueError(
-                f"a masked run cannot use {type(strategy).__name__}: DistributedDataParallel all-reduces dense gradients "
-                f"that SparseAdamW frees; use strategy '{DDP_SPARSE}' (mthlib.distributed.SparseDDPStrategy)"
-            )
+        """Refuse a training strategy that cannot train this module (a masked one needs ``ddp_sparse`` for DDP)."""
+        if self.mask_strategy is not None:
+            check_masked_strategy(strategy)
 
     def configure_optimizers(self) -> dict[str, Any]:
         h = self.hparams
+        adam = {"lr": h.learning_rate, "betas": tuple(h.adam_betas), "eps": h.adam_epsilon, "weight_decay": h.weight_decay}
         if self.mask_callback is not None:
-            optimizer = SparseAdamW(
-                self.mask_callback.prepare(self.trainer, self), lr=h.learning_rate, betas=tuple(h.adam_betas),
-                eps=h.adam_epsilon, weight_decay=h.weight_decay,
-            )
+            optimizer = SparseAdamW(self.mask_callback.prepare(self.trainer, self), **adam)
         else:
-            optimizer = torch.optim.AdamW(
-                self.model.parameters(), lr=h.learning_rate, betas=tuple(h.adam_betas),
-                eps=h.adam_epsilon, weight_decay=h.weight_decay,
-            )
+            optimizer = torch.optim.AdamW(self.model.parameters(), **adam)
         warmup = max(h.warmup_steps, 0)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_fit_start(self) -> None:
         self.model.train()
-        if self._pending_values is not None:
-            self.sparse_state.load_trained_values(self._pending_values)
-            self._pending_values = None
+        if self._restored is not None and self._restored.trained_values is not None:
+            self.sparse_state.load_trained_values(self._restored.trained_values)
         if self.hparams.beta > 0 and self.mask_callback is None and self.reference is None:
             self.reference = copy.deepcopy(self.model).eval().requires_grad_(False)
 
     def on_train_batch_start(self, batch: list[Episode], batch_idx: int) -> None:
-        if self._pending_rng is not None:
-            torch.set_rng_state(self._pending_rng["torch"])
-            random.setstate(self._pending_rng["python"])
-            self._pending_rng = None
+        if self._restored is not None:  # after on_fit_start and the data module's set-up, just before sampling
+            resume.restore_rng(self._restored.rng, self.device)
+            self._restored = None
 
     # -- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Save the data position and RNG; a masked run saves its trained entries, not dense weights."""
-        state: dict[str, Any] = {
-            "prompts_seen": self.prompts_seen,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-            "base_model": self.hparams.model_name_or_path,
-            "base_fingerprint": self.base_fingerprint,
-        }
-        if self.sparse_state is not None:
+        """Save a :class:`~mthlib.grpo.resume.ResumeState`; a masked run saves its trained entries, not dense weights."""
+        state = self.sparse_state
+        if state is not None:
             checkpoint["state_dict"] = {}
-            state["trained_values"] = self.sparse_state.trained_values()
-        checkpoint["mthlib"] = state
+        checkpoint[resume.KEY] = resume.ResumeState(
+            self.prompts_seen, self.guard.state_dict(), resume.capture_rng(self.device), self.hparams.model_name_or_path,
+            self.base_fingerprint, None if state is None else state.trained_values(),
+        ).to_checkpoint()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("mthlib")
-        if state is None:
+        """Refuse a checkpoint of another base or mask setting (:meth:`check_checkpoint`), then restore."""
+        saved = self.check_checkpoint(checkpoint)
+        if saved is None:
             return
-        ours = self.base_fingerprint
-        if "trained_values" in state:
-            if state["base_fingerprint"] != ours:
-                raise ValueError(
-                    f"checkpoint was trained on base {state['base_model']!r} (fingerprint "
-                    f"{state['base_fingerprint']}), but this model has fingerprint {ours}"
-                )
-            self.strict_loading = False
-            self._pending_values = state["trained_values"]
-        self.prompts_seen = int(state["prompts_seen"])
+        self.strict_loading = saved.trained_values is None  # a masked checkpoint holds no dense weights
+        if saved.guard is not None:
+            self.guard.load_state_dict(saved.guard)
+        self.prompts_seen = saved.prompts_seen
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and hasattr(datamodule, "train_stream"):
             datamodule.train_stream.position = self.prompts_seen
-        self._pending_rng = state["rng"]
+        self._restored = saved
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> resume.ResumeState | None:
+        """Refuse a checkpoint of another base or mask setting (one line: the setting, both values); else its
+        :class:`~mthlib.grpo.resume.ResumeState`. The ``mth`` CLI calls it before ``fit`` writes anything."""
+        saved = resume.ResumeState.from_checkpoint(checkpoint)
+        if saved is not None:
+            saved.check((checkpoint.get("hyper_parameters") or {}).get("mask"), self.hparams.model_name_or_path,
+                        self.base_fingerprint, self.mask_strategy)
+        if self.mask_callback is not None:
+            self.mask_callback.check_checkpoint(checkpoint)
+        return saved
 
     @property
     def env(self) -> Environment:
@@ -286,8 +284,10 @@ class GRPOModule(pl.LightningModule):
         objective = self._objective()
         stats: dict[str, list[torch.Tensor]] = defaultdict(list)
         for _ in range(h.num_iterations):
-            self._optimise(objective, rollout, advantages, old_logps, ref_logps, norm, stats)
-        self._log_step(rewards, scores, rollout, stats, generation_time, time.perf_counter() - start)
+            self._optimise(objective, rollout, advantages, old_logps, ref_logps, norm, stats, rewards)
+        self.log("guard/skipped_steps", float(self.guard.skipped_steps), batch_size=1)
+        if stats:  # empty when every step was skipped: its metrics are not finite, none is logged
+            self._log_step(rewards, scores, rollout, stats, generation_time, time.perf_counter() - start)
 
     def _objective(self) -> GRPOObjective:
         """The GRPO loss configured by this module's loss options (the hyperparameters of the same names)."""
@@ -302,14 +302,18 @@ class GRPOModule(pl.LightningModule):
         ref_logps: torch.Tensor | None,
         norm: Normalizer,
         stats: dict[str, list[torch.Tensor]],
+        rewards: torch.Tensor,
     ) -> None:
         """One optimiser step on the whole rollout batch: micro-batch gradients add up to the batch loss's.
 
         ``old_logps`` is ``None`` on-policy (the current log-probabilities, detached, stand in).
+        The guard skips a step whose rewards, advantages, loss or gradient norm are not finite;
+        only the metrics of a step taken are added to ``stats``.
         """
         h = self.hparams
         optimizer = self.optimizers()
         self.model.train()
+        step_stats: dict[str, list[torch.Tensor]] = defaultdict(list)
         step_loss = torch.zeros((), device=self.device)
         for first in range(0, len(rollout), h.micro_batch_size):
             rows = slice(first, first + h.micro_batch_size)
@@ -324,14 +328,18 @@ class GRPOModule(pl.LightningModule):
             if loss.requires_grad:  # no loss token (all truncated and masked): no graph, and nothing to add
                 self.manual_backward(loss)
             step_loss += loss.detach()
-            stats["entropy"].append(masked_mean(entropy, part.loss_mask))
+            step_stats["entropy"].append(masked_mean(entropy, part.loss_mask))
             for key, value in metrics.items():
-                stats[key].append(value)
-        stats["loss"].append(step_loss)
+                step_stats[key].append(value)
+        step_stats["loss"].append(step_loss)
         wrapped = isinstance(self.trainer.strategy.model, DistributedDataParallel)
         synchronise_gradients(self.model, optimizer.optimizer, reduced_by_ddp=wrapped)
-        stats["grad_norm"].append(clip_gradients(self.model, optimizer.optimizer, self.hparams.max_grad_norm))
-        optimizer.step()
+        grad_norm = clip_gradients(self.model, optimizer.optimizer, self.hparams.max_grad_norm)
+        step_stats["grad_norm"].append(grad_norm)
+        checked = {"reward": rewards, "advantage": advantages, "loss": step_loss, "gradient norm": grad_norm}
+        if self.guard.step(optimizer, checked, step_stats, self.trainer.global_step + 1, self.model, self.sparse_state):
+            for key, values in step_stats.items():
+                stats[key].extend(values)
         optimizer.zero_grad()
         self.lr_schedulers().step()
 
@@ -364,6 +372,7 @@ class GRPOModule(pl.LightningModule):
         self.log_dict({k: v.float() for k, v in metrics.items()}, batch_size=len(rewards), sync_dist=True)
         self.log("completions/min_length", lengths.min(), batch_size=len(rewards), sync_dist=True, reduce_fx="min")
         self.log("completions/max_length", lengths.max(), batch_size=len(rewards), sync_dist=True, reduce_fx="max")
+        self.last_samples = StepSamples(self.global_step, rollout.replies, scores)  # for monitor.CompletionsTable
 
     # -- evaluation -------------------------------------------------------------------------
     def validation_step(self, batch: list[Episode], batch_idx: int) -> None:
@@ -374,15 +383,7 @@ class GRPOModule(pl.LightningModule):
 
     def _evaluate(self, batch: list[Episode]) -> None:
         rollout = generate_rollout(self.model, self.tokenizer, batch, self.eval_sampling)
-        for episode, replies in zip(batch, rollout.replies):
-            score = self.env.score(episode, replies)
-            missing = [key for key in self.val_metrics if key not in score]
-            if missing:
-                raise ValueError(
-                    f"{type(self.env).__name__}.score returned {sorted(score)}, without the declared metrics {missing}"
-                )
-            for key, metric in self.val_metrics.items():
-                metric.update(score[key])
+        self.val_metrics.add(self.env, batch, rollout.replies)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
@@ -391,7 +392,5 @@ class GRPOModule(pl.LightningModule):
         self._log_eval("test")
 
     def _log_eval(self, stage: str) -> None:
-        for key, metric in self.val_metrics.items():
-            if metric.update_count:
-                self.log(f"{stage}/{key}", metric.compute(), prog_bar=key == "reward")
-            metric.reset()
+        for key, value in self.val_metrics.compute_and_reset().items():
+            self.log(f"{stage}/{key}", value, prog_bar=key == "reward")

@@ -56,7 +56,9 @@ class MaskCallback(Callback):
       from rank zero, so all ranks train the same entries.
     * Logs ``mask/trainable_count`` and ``mask/trainable_fraction`` every training batch.
     * Checkpoints :meth:`SparseState.state_dict` with the strategy config; resuming refuses
-      a different strategy config or a model whose frozen part differs.
+      a different strategy config (one line naming the first differing argument, e.g.
+      ``resume: model.mask.init_args.sparsity is 0.999 here but 0.99 in the checkpoint``),
+      a checkpoint without a mask, or a model whose frozen part differs.
 
     Args:
         strategy: The mask strategy.
@@ -192,27 +194,69 @@ class MaskCallback(Callback):
         return {"strategy": self._config_json(), **self.state.state_dict(include_base_values=self.save_base_values)}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Refuse, before anything is restored, a checkpoint without this callback's state.
+
+        Raises:
+            ValueError: The checkpoint has no mask state (trained without a mask), or one of
+                another strategy or sparsity (the first differing argument and both values).
+        """
+        if trainer.state.fn == "fit":
+            self.check_checkpoint(checkpoint)
+
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose mask state is missing or of another strategy configuration.
+
+        Raises:
+            ValueError: One line naming the first differing argument and both values.
+        """
         states = checkpoint.get("callbacks") or {}
-        if trainer.state.fn == "fit" and self.state_key not in states:
-            found = [str(key) for key in states if str(key).startswith(type(self).__qualname__)]
-            raise ValueError(
-                f"the checkpoint has no mask state for {self.state_key}; it has: {', '.join(found) or 'none'}. "
-                "Resume with the strategy (name and sparsity) the checkpoint was trained with"
-            )
+        if self.state_key in states:
+            self._check_config(states[self.state_key]["strategy"])
+            return
+        found = [state for key, state in states.items() if str(key).startswith(type(self).__qualname__)]
+        if not found:
+            here = self.strategy.name or type(self.strategy).__name__
+            raise ValueError(f"resume: model.mask is {here} here but null in the checkpoint (trained without a mask)")
+        self._check_config(found[0]["strategy"])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the state saved by :meth:`state_dict` for :meth:`prepare`; refuses another strategy config.
 
         Raises:
-            ValueError: The strategy config differs (both values in the message).
+            ValueError: The strategy config differs (the first differing argument and both values).
         """
-        expected = self._config_json()
-        if state_dict["strategy"] != expected:
-            raise ValueError(
-                f"the checkpoint was trained with mask strategy {state_dict['strategy']}, "
-                f"but this run is configured with {expected}; resume with the checkpoint's strategy"
-            )
+        self._check_config(state_dict["strategy"])
         self.state = None
         self._restored = dict(state_dict)
         if self._module is not None:
             self.state = self._restore(self._module.model)
+
+    def _check_config(self, saved: str) -> None:
+        if saved != self._config_json():
+            raise ValueError(config_difference(self.strategy.config(), json.loads(saved)))
+
+
+_UNSET = "<not set>"
+
+
+def config_difference(ours: dict[str, Any], theirs: dict[str, Any]) -> str:
+    """One line naming the first argument where two strategy configs differ, with both values.
+
+    Args:
+        ours: This run's :meth:`~mthlib.masking.MaskStrategy.config`.
+        theirs: The checkpoint's.
+
+    Returns:
+        e.g. ``resume: model.mask.init_args.sparsity is 0.999 here but 0.99 in the checkpoint``.
+    """
+    pairs = [("model.mask", ours.get("name") or ours.get("class_path"), theirs.get("name") or theirs.get("class_path")),
+             ("model.mask.class_path", ours.get("class_path"), theirs.get("class_path"))]
+    mine, saved = ours.get("init_args") or {}, theirs.get("init_args") or {}
+    pairs += [(f"model.mask.init_args.{key}", mine.get(key, _UNSET), saved.get(key, _UNSET))
+              for key in [*mine, *(k for k in saved if k not in mine)]]
+    key, here, there = next(((k, a, b) for k, a, b in pairs if a != b), ("model.mask", ours, theirs))
+    return f"resume: {key} is {_shown(here)} here but {_shown(there)} in the checkpoint"
+
+
+def _shown(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)

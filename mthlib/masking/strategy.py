@@ -75,7 +75,7 @@ class MaskStrategy(abc.ABC):
         sparsity: Fraction of eligible entries that stay frozen (0.99 trains 1%).
         allocation: ``global`` top-k over the model, or ``per_tensor`` with the same density in every tensor.
         include: Name patterns of parameters that may be trained (``None``: all of the default kinds).
-        exclude: Name patterns removed after ``include``; a pattern matching nothing is ignored.
+        exclude: Name patterns removed after ``include``; a pattern must match some parameter (a typo is an error).
         include_norms: Let layer-norm weights (and norm biases) be trained.
         include_biases: Let biases be trained.
         include_embeddings: Let the input embeddings and the LM head be trained.
@@ -168,7 +168,8 @@ class MaskStrategy(abc.ABC):
         """The parameters this strategy may train, in :meth:`~torch.nn.Module.named_parameters` order.
 
         Raises:
-            ValueError: An ``include`` pattern matches no parameter, or nothing is eligible.
+            ValueError: An ``include`` or ``exclude`` pattern matches no parameter (the message
+                shows what names look like), or nothing is eligible.
         """
         params = dict(model.named_parameters())
         kinds = parameter_kinds(model)
@@ -180,6 +181,9 @@ class MaskStrategy(abc.ABC):
                 self._check_include(pattern, params, selected, kinds)
             selected = {n: p for n, p in selected.items() if any(fnmatchcase(n, pat) for pat in self.include)}
         if self.exclude:
+            for pattern in self.exclude:
+                if not any(fnmatchcase(n, pattern) for n in params):
+                    raise ValueError(_no_match("exclude", pattern, params))
             selected = {n: p for n, p in selected.items() if not any(fnmatchcase(n, pat) for pat in self.exclude)}
         if not selected:
             raise ValueError(f"no parameter is eligible for {type(self).__name__}: check include/exclude and the include_* flags")
@@ -190,8 +194,7 @@ class MaskStrategy(abc.ABC):
                        kinds: Mapping[str, str]) -> None:
         matches = [n for n in params if fnmatchcase(n, pattern)]
         if not matches:
-            examples = ", ".join(list(params)[:4])
-            raise ValueError(f"include pattern {pattern!r} matches no parameter; names look like: {examples}")
+            raise ValueError(_no_match("include", pattern, params))
         if not any(n in selected for n in matches):
             kind = kinds[matches[0]]
             flag = {"norm": "include_norms", "bias": "include_biases", "embedding": "include_embeddings"}.get(kind)
@@ -364,3 +367,9 @@ class MaskStrategy(abc.ABC):
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config()["init_args"].items())
         return f"{type(self).__name__}({args})"
+
+
+def _no_match(option: str, pattern: str, params: Mapping[str, nn.Parameter]) -> str:
+    """The error line for an ``include``/``exclude`` pattern that matches no parameter name."""
+    examples = ", ".join(list(params)[:4])
+    return f"{option} pattern {pattern!r} matches no parameter; names look like: {examples} (patterns are fnmatch globs)"

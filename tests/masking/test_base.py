@@ -126,8 +126,9 @@ def test_include_narrows_and_exclude_removes(tiny_lm):
     # the kind flags still apply inside include: norms need include_norms
     norms = _names(ScoreByWeight(include=["*norm*"], include_norms=True), tiny_lm)
     assert norms[-1] == "model.norm.weight" and len(norms) == 5
-    # an exclude pattern matching nothing is ignored
-    assert len(_names(ScoreByWeight(exclude=["nothing.*"]), tiny_lm)) == 15
+    # an exclude pattern matching nothing is a mistake (a typo would silently train what it meant to freeze)
+    with pytest.raises(ValueError, match=r"exclude pattern 'nothing\.\*' matches no parameter; names look like"):
+        ScoreByWeight(exclude=["nothing.*"]).eligible(tiny_lm)
 
 
 def test_include_matching_nothing_names_parameters(tiny_lm):
