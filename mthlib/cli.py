@@ -30,7 +30,7 @@ from mthlib.masking import get_mask_class, load_short_names
 from mthlib.monitor import filter_known_warnings
 from mthlib.utils import remove_stale_temps
 
-TOOL_GROUPS = ("masks", "analyze", "export", "plot")
+TOOL_GROUPS = ("masks", "analyze", "export", "plot", "tickets")
 STRICT_PARSING = {"exit_on_error": False, "allow_abbrev": False}
 """Parser settings of every ``mth`` command: errors raise (one line, see :mod:`mthlib.cli_errors`); no prefix matching."""
 IGNORED_TRAINER_FLAGS = {

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable
 
 import torch
@@ -62,6 +63,19 @@ def state_fingerprint(named_tensors: Iterable[tuple[str, Tensor]]) -> str:
         digest.update(raw.size.to_bytes(8, "little"))
         digest.update(memoryview(raw))
     return digest.hexdigest()[:FINGERPRINT_CHARS]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks: which file a mask or a run was made from.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def unique_parameters(model: nn.Module) -> list[tuple[str, Tensor]]:

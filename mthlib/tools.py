@@ -57,6 +57,36 @@ def masks_build(config: list[str] | str, out: str) -> None:
           f"(density {masks.density:.4%}) in {len(masks)} tensors -> {out}")
 
 
+def masks_shuffle(mask: str, seed: int, out: str) -> None:
+    """Move a saved mask's active entries to random positions, keeping every tensor's count.
+
+    The lottery-ticket sanity check: the result trains as many entries of each tensor as
+    ``mask`` at positions drawn uniformly at random (:meth:`~mthlib.masking.Masks.shuffled`),
+    so a run from it shows what the layer-wise counts alone give, without the positions the
+    strategy chose. The file records that it is a shuffle (``derived: shuffle``), the
+    source's SHA-256 and path, the seed, and the source's strategy, base model and base
+    fingerprint, so the ``file`` strategy trains it on the same base.
+
+    Args:
+        mask: A mask file (``mth masks build``, ``mth masks shuffle``) or a sparse delta (its stored entries).
+        seed: Seed of the torch.Generator that draws the new positions.
+        out: The ``.safetensors`` mask file to write (atomically).
+    """
+    from mthlib.fingerprint import file_sha256
+    from mthlib.masking import Masks
+
+    source = Masks.load(mask)
+    shuffled = source.shuffled(seed)
+    kept = {key: source.metadata[key] for key in ("base_model", "base_fingerprint") if key in source.metadata}
+    if "strategy" in source.metadata:
+        kept["source_strategy"] = source.metadata["strategy"]
+    shuffled.save(out, metadata={
+        "derived": "shuffle", "source": str(mask), "source_sha256": file_sha256(mask), "seed": str(seed), **kept,
+    })
+    print(f"shuffled {shuffled.total:,} trainable entries of {shuffled.numel:,} in {len(shuffled)} tensors "
+          f"(seed {seed}) -> {out}")
+
+
 def export(
     delta: list[str] | str,
     out: str,
@@ -85,8 +115,51 @@ def export(
     print(f"wrote {folder}")
 
 
+def tickets(
+    config: list[str] | str,
+    out: str,
+    target_sparsity: float,
+    steps_per_round: int | None = None,
+    rounds: int = 5,
+    prune_fraction: float | None = None,
+    criterion: Literal["diff", "magnitude"] = "diff",
+    rewind_step: int = 0,
+    early_bird_threshold: float | None = None,
+    seed: int | None = None,
+) -> None:
+    """Find a sparse ticket iteratively: train, keep the best trained entries, rewind, train again.
+
+    Every round is an ordinary ``mth fit`` run of the config, in ``OUT/round_NN``; round N+1
+    trains the best entries of round N's mask (a mask file in ``OUT/masks``) on the geometric
+    schedule down to ``target_sparsity``. ``OUT/tickets.json`` lists the rounds; a rerun with
+    the same arguments skips the finished ones. See :mod:`mthlib.tickets`.
+
+    Args:
+        config: An ``mth fit`` YAML config (round 0 trains its mask; no mask: dense). Several
+            are layered as ``mth fit`` layers them, as repeated options or one list.
+        out: The search's folder (new, or the folder of an earlier run with the same arguments).
+        target_sparsity: Sparsity of the final ticket (e.g. 0.999), above round 0's.
+        steps_per_round: Training steps of every round (default: the config's ``trainer.max_steps``).
+        rounds: Rounds at most, round 0 included; the last one trains the target.
+        prune_fraction: Share of the entries each round removes (e.g. 0.5); default: the share that
+            reaches the target in ``rounds - 1`` prunings.
+        criterion: ``diff`` keeps the entries training moved most, ``|trained - base|``;
+            ``magnitude`` the largest trained weights, ``|trained|``.
+        rewind_step: 0 starts every round from the base; r > 0 from round 0's values at step r
+            on the round's mask (exported to ``OUT/rewind/round_NN``).
+        early_bird_threshold: Jump to the target once the target masks drawn after two consecutive
+            rounds differ by less than this normalised Hamming distance (e.g. 0.1); default: off.
+        seed: ``seed_everything`` of every round (default: the config's).
+    """
+    from mthlib.tickets import find_tickets
+
+    find_tickets(config, out, target_sparsity, steps_per_round=steps_per_round, rounds=rounds,
+                 prune_fraction=prune_fraction, criterion=criterion, rewind_step=rewind_step,
+                 early_bird_threshold=early_bird_threshold, seed=seed)
+
+
 COMMANDS = {
-    "masks": {"list": masks_list, "build": masks_build},
+    "masks": {"list": masks_list, "build": masks_build, "shuffle": masks_shuffle},
     "analyze": {
         "sparsity": analyze_commands.sparsity,
         "rank": analyze_commands.rank,
@@ -95,11 +168,13 @@ COMMANDS = {
     },
     "export": export,
     "plot": plot_run,
+    "tickets": tickets,
 }
 
 DESCRIPTIONS = {
-    "masks": "List mask strategies, or build a mask without training.",
+    "masks": "List mask strategies, build a mask without training, or shuffle a saved one.",
     "analyze": "Measure what training changed: update sparsity, rank, overlap, consecutive checkpoints.",
     "export": "Apply sparse deltas to their base and write a Hugging Face folder.",
     "plot": "Draw PNG curves (reward, scores, loss, KL, evaluation, step time) of a run from its metrics.csv.",
+    "tickets": "Find a sparse ticket iteratively: train, prune to the best trained entries, rewind, train again.",
 }

@@ -13,13 +13,18 @@ process is gone. Files and folders are created with ``os.open``/``os.mkdir`` mod
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.(?P<kind>tmp|old)$")
 
@@ -178,3 +183,27 @@ def safetensors_format(path: str | os.PathLike) -> str | None:
             return (handle.metadata() or {}).get("format")
     except SafetensorError as err:
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str]) -> None:
+    """Write ``tensors`` and string ``metadata`` as a safetensors file, atomically and reproducibly.
+
+    safetensors writes its metadata in hash-map order, which changes from one write to the
+    next, so the same content would give different bytes (and a file's SHA-256, by which a
+    run names the mask it trained, would not identify the content). Here the metadata keys
+    are sorted: the header is re-serialised (compact JSON, padded with spaces to 8 bytes as
+    the format requires) and the tensor data copied after it unchanged, in 1 MiB blocks.
+    """
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        raw = tmp.parent / f"{tmp.name}.unsorted"
+        save_file(dict(tensors), str(raw), metadata=dict(metadata))
+        with open(raw, "rb") as source, open(tmp, "wb") as target:
+            length = int.from_bytes(source.read(8), "little")
+            header = json.loads(source.read(length))
+            header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+            text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+            text += b" " * (-len(text) % 8)
+            target.write(len(text).to_bytes(8, "little") + text)
+            shutil.copyfileobj(source, target, 1 << 20)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 
 from torch import nn
 
-from mthlib.fingerprint import model_fingerprint
+from mthlib.fingerprint import file_sha256, model_fingerprint
 from mthlib.masking import Batch, Masks, MaskStrategy, register_mask
 
 
@@ -77,8 +76,4 @@ class MaskFile(MaskStrategy):
 def _sha256(path: Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"mask file not found: {path}")
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)

@@ -76,7 +76,7 @@ CASES = [
          "trainer.gradient_clip_algorithm=value has no effect: GRPO optimises manually; use model.max_grad_norm"),
     Case("weights_only_off", (*FIT, "--weights_only", "false"), "--weights_only false is refused"),
     # masks
-    Case("unknown_mask", (*FIT, "--model.mask", "nope"), "unknown mask strategy 'nope'; registered: diff, expander"),
+    Case("unknown_mask", (*FIT, "--model.mask", "nope"), "unknown mask strategy 'nope'; registered: block, continuous, diff"),
     Case("unknown_mask_option", (*FIT, "--model.mask", "random", "--model.mask.sparsit", "0.5"),
          "model.mask: unknown option 'sparsit' of mthlib.masking.names.random; closest valid: sparsity"),
     Case("exclude_matches_nothing", (*FIT, "--model.mask", "random", "--model.mask.exclude", "[mlp.*]"),
@@ -88,6 +88,8 @@ CASES = [
     # values the module refuses
     Case("num_generations_1", (*FIT, "--model.num_generations", "1"), "num_generations must be >= 2", loads=True),
     Case("negative_learning_rate", (*FIT, "--model.learning_rate=-1e-3"), "learning_rate must be >= 0", loads=True),
+    Case("reinit_without_mask", (*FIT, "--model.reinit", "true"),
+         "reinit re-initialises the entries of a mask: set model.mask too, or reinit false", loads=True),
     # model, checkpoints, data, output folder
     Case("model_missing", (*FIT, "--model.model_name_or_path", "{dir}/nope"),
          "cannot load model '{dir}/nope': no such folder", loads=True),
@@ -116,6 +118,9 @@ CASES = [
          "mth export: error: unknown option --delt; closest valid: --delta"),
     Case("analyze_missing_model", ("analyze", "sparsity", "--base", "{model}", "--finetuned", "{dir}/nope"),
          "mth analyze: error: no such file or folder: {dir}/nope"),
+    Case("analyze_compare_dtype_without_bf16_view", ("analyze", "sparsity", "--base", "{model}", "--finetuned", "{model}",
+                                                     "--views", "[stored]", "--compare_dtype", "bf16"),
+         "mth analyze: error: compare_dtype bf16 computes the bf16 view's differences in bf16"),
     Case("masks_build_missing_config", ("masks", "build", "--config", "{dir}/nope.yaml", "--out", "{dir}/m.safetensors"),
          "mth masks: error: config file not found: {dir}/nope.yaml"),
 ]

@@ -84,6 +84,16 @@ def test_print_config_shows_defaults_without_loading_anything(tiny_config, tmp_p
     assert printed["model"]["loss_type"] == "dapo" and printed["model"]["beta"] == 0.0
 
 
+def test_reinit_is_a_model_option_shown_by_print_config(tiny_config, capsys):
+    printed = []
+    for extra in ([], ["--model.mask", "random", "--model.reinit", "true"]):
+        with pytest.raises(SystemExit) as stop:
+            main(["fit", "--config", str(tiny_config), *extra, "--print_config"])
+        assert not stop.value.code
+        printed.append(yaml.safe_load(capsys.readouterr().out)["model"]["reinit"])
+    assert printed == [False, True]
+
+
 def test_masks_list_and_build(tiny_config, tmp_path, capsys):
     main(["masks", "list"])
     names = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]

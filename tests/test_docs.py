@@ -1,6 +1,7 @@
 """The Sphinx site builds without a single warning, its measured results are generated from committed data,
 and its example strategy works as the tutorial says."""
 
+import importlib.metadata
 import importlib.util
 import re
 import shutil
@@ -19,7 +20,9 @@ from mthlib.analysis.sparsity import ParamSparsity, SparsityResult
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 DATA = DOCS / "data"
-STRATEGIES = ("random", "fisher", "snip", "magnitude", "expander", "rigl", "diff")
+STRATEGIES = sorted(ep.name for ep in importlib.metadata.entry_points(group="mthlib.masks")
+                    if ep.value.startswith("mthlib.registry."))
+"""Every built-in strategy (the package's own entry points): each has a page."""
 
 
 def _load_generator():

@@ -141,3 +141,47 @@ def test_masks_build_layers_several_configs_in_order_as_fit_does(form, tiny_mode
     assert sorted(layered) == sorted(expected)
     assert all(torch.equal(layered[name], expected[name]) for name in expected)  # the second file's seed won
     assert not all(torch.equal(layered[name], first_file_only[name]) for name in expected)
+
+
+def test_masks_shuffle_keeps_counts_records_its_source_and_trains_with_the_file_strategy(tiny_model, tmp_path, capsys):
+    computing = write_config(tmp_path, tiny_model, "source", "{class_path: random, init_args: {sparsity: 0.9, seed: 1}}")
+    source, shuffled = tmp_path / "source.safetensors", tmp_path / "shuffled.safetensors"
+    main(["masks", "build", "--config", str(computing), "--out", str(source)])
+    main(["masks", "shuffle", "--mask", str(source), "--seed", "7", "--out", str(shuffled)])
+    assert "(seed 7) -> " in capsys.readouterr().out
+    built, moved = Masks.load(source), Masks.load(shuffled)
+    assert moved.shapes == built.shapes and all(moved.count(n) == built.count(n) for n in built)
+    assert all(not torch.equal(moved[n], built[n]) for n in built if built.count(n) > 10)  # hundreds of entries each
+    assert moved.metadata["derived"] == "shuffle" and moved.metadata["seed"] == "7"
+    assert moved.metadata["source_sha256"] == build_mask("file", path=str(source)).digest
+    assert moved.metadata["base_fingerprint"] == built.metadata["base_fingerprint"]
+    assert json.loads(moved.metadata["source_strategy"])["init_args"]["seed"] == 1
+
+    again, other = tmp_path / "again.safetensors", tmp_path / "other.safetensors"
+    main(["masks", "shuffle", "--mask", str(source), "--seed", "7", "--out", str(again)])
+    main(["masks", "shuffle", "--mask", str(source), "--seed", "8", "--out", str(other)])
+    assert again.read_bytes() == shuffled.read_bytes()  # same seed: the same file, byte for byte
+    assert Masks.load(other) != moved
+
+    from_file = write_config(tmp_path, tiny_model, "shuffled", f"{{class_path: file, init_args: {{path: {shuffled}}}}}")
+    main(["fit", "--config", str(from_file)])  # the file strategy accepts it: same base fingerprint
+    trained = last_delta(tmp_path, "shuffled")
+    assert sorted(trained.indices) == sorted(n for n in moved if moved.count(n))
+    assert all(torch.equal(idx.to(torch.int64), moved[name]) for name, idx in trained.indices.items())
+
+    from_delta = tmp_path / "from_delta.safetensors"  # a delta's stored entries shuffle the same way
+    main(["masks", "shuffle", "--mask", str(tmp_path / "runs/shuffled/version_0/deltas/last.safetensors"),
+          "--seed", "7", "--out", str(from_delta)])
+    redrawn = Masks.load(from_delta)
+    assert {n: redrawn.count(n) for n in redrawn} == {n: int(i.numel()) for n, i in trained.indices.items()}
+    assert redrawn.metadata["base_fingerprint"] == trained.base_fingerprint
+
+
+def test_masks_shuffle_of_a_missing_or_foreign_file_is_one_error_line(tmp_path):
+    missing = run_mth("masks", "shuffle", "--mask", "nope.safetensors", "--seed", "1", "--out", "out.safetensors",
+                      cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr == "mth masks: error: mask file not found: nope.safetensors\n"
+    (tmp_path / "notes.txt").write_text("not a mask")
+    foreign = run_mth("masks", "shuffle", "--mask", "notes.txt", "--seed", "1", "--out", "out.safetensors", cwd=tmp_path)
+    assert foreign.returncode == 2 and foreign.stderr.startswith("mth masks: error: notes.txt is not a safetensors file")
+    assert len(foreign.stderr.splitlines()) == 1 and not (tmp_path / "out.safetensors").exists()

@@ -12,13 +12,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
-from mthlib.analysis.compare import VIEWS, View
+from mthlib.analysis.compare import VIEWS, CompareDtype, View
 from mthlib.analysis.consecutive import ConsecutiveResult, consecutive_changes
 from mthlib.analysis.overlap import OverlapResult, subnetwork_overlap
 from mthlib.analysis.plots import consecutive_plot, overlap_heatmaps, sparsity_heatmaps
 from mthlib.analysis.rank import RankResult, update_rank
 from mthlib.analysis.report import Reportable, render_text, write_report
-from mthlib.analysis.sparsity import DEFAULT_TOLERANCES, SparsityResult, update_sparsity
+from mthlib.analysis.sparsity import DEFAULT_TOLERANCES, LayerAverage, SparsityResult, update_sparsity
 
 
 def _emit(result: Reportable, name: str, out: str | None, plot: Callable[[Reportable, Path], list[Path]] | None) -> None:
@@ -38,6 +38,8 @@ def sparsity(
     tolerances: Sequence[float] = DEFAULT_TOLERANCES,
     views: Sequence[View] = VIEWS,
     check_fingerprint: bool = True,
+    layer_average: LayerAverage = "pooled",
+    compare_dtype: CompareDtype = "float64",
 ) -> SparsityResult:
     """Update sparsity 1 - nnz(|θ1 - θ0| > tol) / n, overall, per layer and per type.
 
@@ -48,8 +50,13 @@ def sparsity(
         tolerances: An entry counts as updated when it moved by more than the tolerance.
         views: "stored" compares values as stored; "bf16" rounds both sides to bfloat16 first.
         check_fingerprint: Refuse a delta made from a different base.
+        layer_average: A layer's sparsity: "pooled", 1 - changed / n over all its entries; or "unweighted",
+            the mean of its parameters' sparsities (the paper's script). Types and the total are pooled.
+        compare_dtype: Arithmetic of the bf16 view: "float64" compares the rounded values exactly; "bf16"
+            takes the difference in bf16 and rounds the tolerance to bf16 (the paper's script).
     """
-    result = update_sparsity(base, finetuned, tolerances, views, check_fingerprint=check_fingerprint)
+    result = update_sparsity(base, finetuned, tolerances, views, check_fingerprint=check_fingerprint,
+                             layer_average=layer_average, compare_dtype=compare_dtype)
     _emit(result, "sparsity", out, sparsity_heatmaps)
     return result
 

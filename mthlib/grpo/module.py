@@ -88,6 +88,7 @@ class GRPOModule(pl.LightningModule):
         verify_every: With a mask, check every this many steps that frozen entries are bitwise unchanged.
         calibration_batch_size: Sequences per gradient pass when a strategy calibrates (e.g. Fisher):
             smaller passes lower the peak memory of building the mask, not its result.
+        reinit: With a mask, train its entries from random values, not the base's (:class:`~mthlib.masking.MaskCallback`).
         delta_every_n_steps: With a mask, write a sparse delta every this many steps (and at the end).
         delta_keep_last: Sparse delta files kept in the run's ``deltas/`` folder.
         max_bad_steps: A step whose rewards, advantages, loss or gradients hold a NaN or Inf is skipped
@@ -135,6 +136,7 @@ class GRPOModule(pl.LightningModule):
         eval_max_completion_length: int | None = None,
         verify_every: int = 50,
         calibration_batch_size: int = 8,
+        reinit: bool = False,
         delta_every_n_steps: int = 50,
         delta_keep_last: int = 3,
         max_bad_steps: int = 3,
@@ -147,6 +149,8 @@ class GRPOModule(pl.LightningModule):
             raise ValueError(f"num_generations must be >= 2 (group advantages need a group); got {num_generations}")
         if micro_batch_size < 1 or num_iterations < 1:
             raise ValueError("micro_batch_size and num_iterations must be >= 1")
+        if reinit and mask is None:
+            raise ValueError("reinit re-initialises the entries of a mask: set model.mask too, or reinit false")
         self.save_hyperparameters(ignore=["mask"])
         self.hparams["mask"] = mask.config() if mask is not None else None
         self._objective()  # a bad loss option fails here, before the model loads
@@ -158,8 +162,8 @@ class GRPOModule(pl.LightningModule):
         self.mask_strategy = mask
         self.base_fingerprint = model_fingerprint(self.model)
         self.mask_callback = None if mask is None else MaskCallback(
-            mask, verify_every=verify_every, calibration_batch_size=calibration_batch_size, save_base_values=False
-        )
+            mask, verify_every=verify_every, calibration_batch_size=calibration_batch_size, save_base_values=False,
+            reinit=reinit)
         self.reference = None
         self.last_samples: StepSamples | None = None
         self.prompts_seen = 0

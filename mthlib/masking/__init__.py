@@ -21,6 +21,7 @@ from mthlib.masking.registry import (
     mask_summaries,
     register_mask,
 )
+from mthlib.masking.scores import DATA_SCORES, EntryScore, check_entry_score, entry_scores
 from mthlib.masking.state import SparseState
 from mthlib.masking.kinds import parameter_kinds
 from mthlib.masking.strategy import Allocation, MaskStrategy, ScoreFn
@@ -31,6 +32,8 @@ __all__ = [
     "ActiveGradients",
     "Allocation",
     "Batch",
+    "DATA_SCORES",
+    "EntryScore",
     "MaskCallback",
     "MaskStrategy",
     "Masks",
@@ -41,7 +44,9 @@ __all__ = [
     "base_view",
     "build_mask",
     "calibration_batches",
+    "check_entry_score",
     "compute_masks",
+    "entry_scores",
     "frozen_digests",
     "gather_values",
     "get_mask_class",

@@ -32,8 +32,10 @@ from lightning.pytorch.callbacks import Callback
 from mthlib.fingerprint import model_fingerprint
 from mthlib.masking.calibration import calibration_batches, compute_masks
 from mthlib.masking.optim import SparseAdamW
+from mthlib.masking.reinit import reinitialised_values
 from mthlib.masking.state import SparseState
 from mthlib.masking.strategy import MaskStrategy
+from mthlib.masking.swap import scatter_values
 
 
 class MaskCallback(Callback):
@@ -41,7 +43,11 @@ class MaskCallback(Callback):
 
     * Fresh run: the strategy chooses the masks (:func:`~mthlib.masking.compute_masks`) and
       :meth:`SparseState.capture` records their base values, the base fingerprint and a
-      digest of every parameter.
+      digest of every parameter. With ``reinit`` the active entries then get fresh values
+      (:func:`~mthlib.masking.reinit.reinitialised_values`, seeded with the strategy's
+      ``seed``): training starts from them, while the recorded base values, so the KL
+      reference (:meth:`SparseState.swapped_to_base`) and the frozen-entry checks, stay
+      the base's. A resumed run restores its trained values and never re-initialises.
     * The state is attached to the model while the fit runs (masked layers, gradient hooks)
       and detached when it ends or fails, so nothing of the run stays on the model.
     * Every ``verify_every`` optimizer steps and at the end of training,
@@ -58,7 +64,8 @@ class MaskCallback(Callback):
     * Checkpoints :meth:`SparseState.state_dict` with the strategy config; resuming refuses
       a different strategy config (one line naming the first differing argument, e.g.
       ``resume: model.mask.init_args.sparsity is 0.999 here but 0.99 in the checkpoint``),
-      a checkpoint without a mask, or a model whose frozen part differs.
+      a checkpoint without a mask, or a model whose frozen part differs; it records ``reinit``
+      too and refuses to resume with the other setting.
 
     Args:
         strategy: The mask strategy.
@@ -68,6 +75,10 @@ class MaskCallback(Callback):
             reloads its base from its source instead of checkpointing dense weights (as
             :class:`~mthlib.grpo.GRPOModule` does) can leave them out: they are then read
             back from the freshly loaded base, whose frozen digests are checked first.
+        reinit: Start the active entries from values drawn per tensor from a normal with the
+            base tensor's mean and standard deviation instead of the base values (the
+            lottery-ticket re-initialisation check; :mod:`mthlib.masking.reinit` says why this
+            distribution). Entries a dynamic strategy grows later start from their base values.
     """
 
     def __init__(
@@ -76,6 +87,7 @@ class MaskCallback(Callback):
         verify_every: int = 50,
         calibration_batch_size: int = 8,
         save_base_values: bool = True,
+        reinit: bool = False,
     ) -> None:
         if verify_every < 0 or calibration_batch_size < 1:
             raise ValueError(
@@ -85,6 +97,7 @@ class MaskCallback(Callback):
         self.verify_every = verify_every
         self.calibration_batch_size = calibration_batch_size
         self.save_base_values = save_base_values
+        self.reinit = reinit
         self.state: SparseState | None = None
         """The run's sparse state, once computed or restored."""
         self._module: pl.LightningModule | None = None
@@ -127,7 +140,10 @@ class MaskCallback(Callback):
             self.strategy, model, trainer.datamodule, getattr(pl_module, "tokenizer", None),
             self.calibration_batch_size, trainer.global_rank, trainer.world_size,
         )
-        return SparseState.capture(model, trainer.strategy.broadcast(masks, src=0), fingerprint)
+        state = SparseState.capture(model, trainer.strategy.broadcast(masks, src=0), fingerprint)
+        if self.reinit:
+            scatter_values(model, state.masks, reinitialised_values(model, state.masks, self.strategy.seed))
+        return state
 
     def _restore(self, model: Any) -> SparseState:
         state = SparseState.from_state_dict(self._restored, model)
@@ -191,49 +207,53 @@ class MaskCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self.state is None:
             return {}
-        return {"strategy": self._config_json(), **self.state.state_dict(include_base_values=self.save_base_values)}
+        return {"strategy": self._config_json(), "reinit": self.reinit,
+                **self.state.state_dict(include_base_values=self.save_base_values)}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Refuse, before anything is restored, a checkpoint without this callback's state.
 
         Raises:
             ValueError: The checkpoint has no mask state (trained without a mask), or one of
-                another strategy or sparsity (the first differing argument and both values).
+                another strategy or sparsity (the first differing argument and both values) or ``reinit``.
         """
         if trainer.state.fn == "fit":
             self.check_checkpoint(checkpoint)
 
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose mask state is missing or of another strategy configuration.
+        """Refuse a checkpoint whose mask state is missing, of another strategy configuration or ``reinit`` setting.
 
         Raises:
             ValueError: One line naming the first differing argument and both values.
         """
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:
-            self._check_config(states[self.state_key]["strategy"])
+            self._check_config(states[self.state_key])
             return
         found = [state for key, state in states.items() if str(key).startswith(type(self).__qualname__)]
         if not found:
             here = self.strategy.name or type(self.strategy).__name__
             raise ValueError(f"resume: model.mask is {here} here but null in the checkpoint (trained without a mask)")
-        self._check_config(found[0]["strategy"])
+        self._check_config(found[0])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the state saved by :meth:`state_dict` for :meth:`prepare`; refuses another strategy config.
 
         Raises:
-            ValueError: The strategy config differs (the first differing argument and both values).
+            ValueError: The strategy config (the first differing argument and both values) or ``reinit`` differs.
         """
-        self._check_config(state_dict["strategy"])
+        self._check_config(state_dict)
         self.state = None
         self._restored = dict(state_dict)
         if self._module is not None:
             self.state = self._restore(self._module.model)
 
-    def _check_config(self, saved: str) -> None:
-        if saved != self._config_json():
-            raise ValueError(config_difference(self.strategy.config(), json.loads(saved)))
+    def _check_config(self, saved: dict[str, Any]) -> None:
+        if saved["strategy"] != self._config_json():
+            raise ValueError(config_difference(self.strategy.config(), json.loads(saved["strategy"])))
+        if bool(saved.get("reinit", False)) != self.reinit:  # checkpoints from before the option never re-initialised
+            raise ValueError(f"resume: model.reinit is {_shown(self.reinit)} here but {_shown(not self.reinit)} "
+                             "in the checkpoint")
 
 
 _UNSET = "<not set>"

@@ -8,7 +8,8 @@ unique, and lives on the CPU.
 File format (safetensors, written atomically): ``"<name>.indices"`` holds the indices
 (int32 when the parameter has fewer than 2**31 entries, else int64) and
 ``"<name>.shape"`` the parameter shape as int64. Metadata: ``format=mthlib.masks``,
-``version``, ``names`` (JSON list, the parameter order) and any strings the caller adds.
+``version``, ``names`` (JSON list, the parameter order) and any strings the caller adds,
+keys sorted, so equal masks and metadata give the same bytes (and the same SHA-256).
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from mthlib.deltas import FORMAT as DELTA_FORMAT
 from mthlib.deltas import load_delta
-from mthlib.utils import atomic_path, safetensors_format
+from mthlib.utils import safetensors_format, save_safetensors
 
 FORMAT = "mthlib.masks"
 """Value of the ``format`` metadata key of a mask file."""
@@ -200,6 +200,26 @@ class Masks:
             indices[name] = idx
         return Masks(indices, self._shapes)
 
+    def shuffled(self, seed: int) -> Masks:
+        """The same number of active entries in every parameter, at uniformly random positions.
+
+        The lottery-ticket "random positions" check: a run from the result trains each
+        tensor's count of entries (the layer-wise allocation) but none of the positions a
+        strategy chose. With one :class:`torch.Generator` seeded with ``seed``, each
+        parameter with ``k`` active entries of ``n`` (in :attr:`names` order) takes the first
+        ``k`` of ``torch.randperm(n)``, sorted: every set of ``k`` positions is equally
+        likely, whatever the current ones. Parameters without active entries draw nothing.
+        Cost: one permutation of the largest parameter (8 bytes per entry). :attr:`metadata`
+        is not carried over.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        indices = {}
+        for name, idx in self._indices.items():
+            if idx.numel():
+                drawn = torch.randperm(math.prod(self._shapes[name]), generator=generator)[: idx.numel()]
+                indices[name] = torch.sort(drawn).values
+        return Masks(indices, self._shapes)
+
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Masks):
             return NotImplemented
@@ -214,7 +234,7 @@ class Masks:
 
     # -- files ------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
-        """Write the masks to a safetensors file atomically.
+        """Write the masks to a safetensors file atomically; equal masks and metadata give equal bytes.
 
         Args:
             path: Target file; its folder is created if needed.
@@ -236,8 +256,7 @@ class Masks:
             tensors[f"{name}.indices"] = idx.to(index_dtype(math.prod(shape))).contiguous()
             tensors[f"{name}.shape"] = torch.tensor(shape, dtype=torch.int64)
         header = {"format": FORMAT, "version": VERSION, "names": json.dumps(list(self._shapes)), **extra}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=header)
+        save_safetensors(tensors, path, header)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Masks:

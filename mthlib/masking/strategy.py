@@ -237,7 +237,7 @@ class MaskStrategy(abc.ABC):
             if bool(torch.isnan(score).any()):
                 raise ValueError(f"scores of {name} contain NaN")
         shapes = {name: tuple(score.shape) for name, score in scores.items()}
-        excluded = self._excluded_indices(shapes)
+        excluded = self.excluded_indices(shapes)
         if self.allocation == "global":
             k = self.keep_count(sum(s.numel() for s in scores.values()))
             chosen = select_top(scores, k, excluded)
@@ -247,7 +247,14 @@ class MaskStrategy(abc.ABC):
                 chosen.update(select_top({name: score}, self.keep_count(score.numel()), excluded))
         return Masks(chosen, shapes)
 
-    def _excluded_indices(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    def excluded_indices(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+        """The ``exclude_mask`` entries (sorted flat indices) of each parameter in ``shapes`` that has some.
+
+        For strategies that select without :meth:`top_k` (which applies them itself).
+
+        Raises:
+            ValueError: The mask file's shape of a parameter differs from the model's.
+        """
         exclusion = self.exclusion()
         if exclusion is None:
             return {}

@@ -89,3 +89,16 @@ def test_command_line_values_parse_to_typed_arguments():
     assert list(cfg.tolerances) == [1e-5] and list(cfg.views) == ["bf16"]
     with pytest.raises(SystemExit):
         parser.parse_args(["--base", "b", "--finetuned", "f", "--views", "[fp8]"])
+
+
+def test_sparsity_options_of_the_papers_script_from_the_command_line(hand_pair, tmp_path, capsys):
+    from mthlib.cli import main
+
+    out = tmp_path / "paper"
+    main(["analyze", "sparsity", "--base", str(hand_pair.base), "--finetuned", str(hand_pair.finetuned),
+          "--layer_average", "unweighted", "--compare_dtype", "bf16", "--out", str(out)])
+    data = json.loads((out / "sparsity.json").read_text())
+    assert (data["layer_average"], data["compare_dtype"]) == ("unweighted", "bf16")
+    markdown = (out / "sparsity.md").read_text()
+    assert "per layer, stored view (unweighted: mean over the layer's parameters" in markdown
+    assert "bf16 view compared in bf16" in markdown and "bf16 view compared in bf16" in capsys.readouterr().out

@@ -94,3 +94,71 @@ def test_missing_file_and_bad_arguments(hand_pair, tmp_path):
         update_sparsity(hand_pair.base, hand_pair.finetuned, views=["fp8"])
     with pytest.raises(ValueError, match="at least one"):
         update_sparsity(hand_pair.base, hand_pair.finetuned, tolerances=[])
+
+
+def save_pair(tmp_path, base: dict, finetuned: dict):
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(finetuned, str(tmp_path / "ft.safetensors"))
+    return tmp_path / "base.safetensors", tmp_path / "ft.safetensors"
+
+
+def test_layer_average_pooled_or_unweighted_as_the_papers_script(tmp_path):
+    ln0 = "model.layers.0.input_layernorm.weight"
+    base = {Q: torch.zeros(10, 10), ln0: torch.zeros(10), UP: torch.zeros(4, 4)}
+    ft = {name: t.clone() for name, t in base.items()}
+    ft[Q].view(-1)[:10] = 1.0  # 10 of 100 changed
+    ft[ln0][:5] = 1.0  # 5 of 10 changed
+    ft[UP].view(-1)[:4] = 1.0  # 4 of 16: layer 1 has one parameter
+    paths = save_pair(tmp_path, base, ft)
+    pooled = update_sparsity(*paths, tolerances=[1e-5], views=["stored"])
+    unweighted = update_sparsity(*paths, tolerances=[1e-5], views=["stored"], layer_average="unweighted")
+    assert pooled.layer_sparsity("stored", 1e-5, "0") == pytest.approx(1 - 15 / 110)  # entries pooled: 0.8636
+    assert unweighted.layer_sparsity("stored", 1e-5, "0") == pytest.approx(1 - (10 / 100 + 5 / 10) / 2)  # 0.7
+    gap = pooled.layer_sparsity("stored", 1e-5, "0") - unweighted.layer_sparsity("stored", 1e-5, "0")
+    assert gap == pytest.approx(0.16363636, abs=1e-8)  # unweighted: the 10-entry norm weighs as much as the matrix
+    assert pooled.layer_sparsity("stored", 1e-5, "1") == unweighted.layer_sparsity("stored", 1e-5, "1") == 0.75
+    for result in (pooled, unweighted):  # the total and the types are pooled whatever the layer average
+        assert result.sparsity("stored", 1e-5) == pytest.approx(1 - 19 / 126)
+        assert result.sparsity("stored", 1e-5, kind="norms") == 0.5
+    data, tables = unweighted.to_dict(), unweighted.tables()
+    assert data["layer_average"] == "unweighted" and "mean over the layer's parameters" in data["layer_average_definition"]
+    assert data["per_layer"]["0"]["stored"]["1e-05"] == pytest.approx(0.7)
+    assert pooled.to_dict()["per_layer"]["0"]["stored"]["1e-05"] == pytest.approx(1 - 15 / 110)
+    layer_table = next(t for t in tables if "per layer" in t.title)
+    assert "unweighted: mean over the layer's parameters of 1 - changed / n" in layer_table.title
+    assert layer_table.rows[0][:3] == ["0", 110, pytest.approx(70.0)]
+    assert "pooled: 1 - changed / n over all entries" in next(t for t in pooled.tables() if "per layer" in t.title).title
+    with pytest.raises(ValueError, match="layer_average must be one of \\['pooled', 'unweighted'\\], not 'mean'"):
+        update_sparsity(*paths, layer_average="mean")
+
+
+TOL16 = 1.0013580322265625e-05  # 1e-5 rounded to bf16: rounds up
+BOUNDARY = [  # (θ0, θ1), all exact in bf16, and whether each comparison counts the entry as changed at tol 1e-5
+    (0.0, TOL16, True, False),  # |d| = 1.00136e-5 > 1e-5 exactly, but not > bf16(1e-5): the tolerance's rounding
+    (-2.428889274597168e-06, 7.599592208862305e-06, True, False),  # |d| = 1.00285e-5, bf16 subtraction: 1.00136e-5
+    (0.0, 9.953975677490234e-06, False, False),  # just below 1e-5 either way
+    (0.0, 2.002716064453125e-05, True, True),  # clearly above either way
+    (3.0, 3.0, False, False),  # unchanged
+]
+
+
+def test_compare_dtype_bf16_takes_difference_and_tolerance_in_bf16_as_the_papers_script(tmp_path):
+    a = torch.tensor([row[0] for row in BOUNDARY])
+    b = torch.tensor([row[1] for row in BOUNDARY])
+    assert torch.equal(a.bfloat16().float(), a) and torch.equal(b.bfloat16().float(), b)  # no rounding of the values
+    paths = save_pair(tmp_path, {UP: a}, {UP: b})
+    exact = update_sparsity(*paths, tolerances=[1e-5])
+    paper = update_sparsity(*paths, tolerances=[1e-5], compare_dtype="bf16")
+    assert exact.changed("bf16", 1e-5) == sum(row[2] for row in BOUNDARY) == 3
+    assert paper.changed("bf16", 1e-5) == sum(row[3] for row in BOUNDARY) == 1
+    spec = (b.bfloat16() - a.bfloat16()).abs() > torch.tensor(1e-5, dtype=torch.bfloat16)
+    assert paper.changed("bf16", 1e-5) == int(spec.sum())  # the script's arithmetic, entry for entry
+    isclose = torch.isclose(b.bfloat16() - a.bfloat16(), torch.zeros(len(BOUNDARY), dtype=torch.bfloat16), atol=1e-5)
+    assert paper.changed("bf16", 1e-5) == int((~isclose).sum())
+    assert paper.changed("stored", 1e-5) == exact.changed("stored", 1e-5) == 3  # the stored view stays float64
+    assert paper.to_dict()["compare_dtype"] == "bf16" and "rounded to bf16" in paper.tables()[0].title
+    assert "compared in float64" in exact.to_dict()["compare_definition"]
+    with pytest.raises(ValueError, match="compare_dtype bf16 computes the bf16 view's differences in bf16"):
+        update_sparsity(*paths, views=["stored"], compare_dtype="bf16")
+    with pytest.raises(ValueError, match="compare_dtype must be one of \\['float64', 'bf16'\\], not 'fp16'"):
+        update_sparsity(*paths, compare_dtype="fp16")

@@ -204,3 +204,40 @@ def test_advantages_are_scaled_as_scale_rewards_says(tiny_model_dir, tmp_path, s
 def test_a_bad_loss_option_fails_at_construction(tmp_path):
     with pytest.raises(ValueError, match="loss_type must be one of"):
         GRPOModule(model_name_or_path=str(tmp_path / "never_loaded"), loss_type="ppo")
+
+
+class KLLog(pl.Callback):
+    """Records the logged ``kl`` of every training step."""
+
+    def __init__(self) -> None:
+        self.kl: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.kl.append(float(trainer.callback_metrics["kl"]))
+
+
+@pytest.mark.parametrize("reinit", [False, True])
+def test_reinit_starts_the_mask_from_new_values_and_keeps_the_base_as_kl_reference(tiny_model_dir, tmp_path, reinit):
+    from mthlib.masking import build_mask
+
+    pl.seed_everything(0)
+    module = GRPOModule(model_name_or_path=tiny_model_dir, mask=build_mask("random", sparsity=0.9, seed=2), reinit=reinit,
+                        beta=0.1, learning_rate=1e-3, num_generations=2, max_completion_length=4, micro_batch_size=4)
+    assert module.hparams.reinit is reinit and module.mask_callback.reinit is reinit
+    kl = KLLog()
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, callbacks=[kl],
+                         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=PromptDataModule(env=LetterA(), batch_size=2, eval_size=2))
+    base = dict(make_tiny_chat_lm(seed=3)[0].named_parameters())
+    masks = module.sparse_state.masks
+    moved = sum(int((p.detach().view(-1)[masks[n]] != base[n].detach().view(-1)[masks[n]]).sum())
+                for n, p in module.model.named_parameters() if n in masks)
+    # one step of lr 1e-3 moves the base values a little; re-initialised ones differ everywhere
+    assert (moved == masks.total) if reinit else (moved < masks.total)
+    # the KL of the first step is to the base: zero when the policy is the base, positive from new values
+    assert (kl.kl[0] > 1e-3) if reinit else (kl.kl[0] == pytest.approx(0.0, abs=1e-6))
+
+
+def test_reinit_without_a_mask_is_refused(tiny_model_dir):
+    with pytest.raises(ValueError, match="reinit re-initialises the entries of a mask: set model.mask too"):
+        GRPOModule(model_name_or_path=tiny_model_dir, reinit=True)

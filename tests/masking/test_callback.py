@@ -9,8 +9,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from mthlib.deltas import apply_delta, save_delta
 from mthlib.fingerprint import model_fingerprint
-from mthlib.masking import MaskCallback, Masks, MaskStrategy, SparseAdamW
+from mthlib.masking import MaskCallback, Masks, MaskStrategy, SparseAdamW, gather_values, swapped_to_base
+from mthlib.masking.reinit import reinit_generator, reinitialised_values
 from tests.conftest import make_tiny_lm
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -244,3 +246,96 @@ def test_calibration_needs_a_data_module_method(tmp_path):
     loader = DataLoader(list(range(8)), batch_size=1)
     with pytest.raises(ValueError, match="calibration_batches"):
         trainer(tmp_path, 1, callback).fit(TinyModule(callback), train_dataloaders=loader)
+
+
+class StartValues(pl.Callback):
+    """Keeps the active entries' values when training starts (the mask callback prepared its state by then)."""
+
+    def __init__(self, mask_callback: MaskCallback) -> None:
+        self.mask_callback = mask_callback
+        self.values: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer, pl_module):
+        values = gather_values(pl_module.model, self.mask_callback.state.masks)
+        self.values = {name: v for name, v in values.items() if v.numel()}
+
+
+def fit_recording_start(tmp_path, steps: int, callback: MaskCallback) -> tuple[TinyModule, dict[str, torch.Tensor]]:
+    module, start = TinyModule(callback), StartValues(callback)
+    run = trainer(tmp_path, steps, callback)
+    run.callbacks.append(start)
+    run.fit(module, datamodule=TinyData())
+    return module, start.values
+
+
+def test_reinitialised_values_follow_each_tensors_normal_and_are_seeded():
+    model = torch.nn.Linear(300, 200)
+    with torch.no_grad():
+        model.weight.copy_(3.0 + 2.0 * torch.randn(200, 300, generator=torch.Generator().manual_seed(1)))
+    masks = Masks({"weight": torch.arange(0, 60_000, 2), "bias": torch.tensor([4])}, {"weight": (200, 300), "bias": (200,)})
+    values = reinitialised_values(model, masks, seed=4)
+    std, mean = torch.std_mean(model.weight.detach().double(), correction=0)
+    drawn = values["weight"].double()
+    assert values["weight"].dtype == torch.float32 and drawn.numel() == 30_000
+    assert float(drawn.mean()) == pytest.approx(float(mean), abs=0.05)  # sd of the sample mean: 2 / sqrt(30000) = 0.012
+    assert float(drawn.std()) == pytest.approx(float(std), rel=0.02)  # relative sd of the sample std: 0.004
+    generator = reinit_generator(4)  # the rule, in closed form: mean + std * N(0, 1), parameters in mask order
+    expected = (mean + std * torch.randn(30_000, generator=generator, dtype=torch.float64)).float()
+    bias_std, bias_mean = torch.std_mean(model.bias.detach().double(), correction=0)
+    expected_bias = (bias_mean + bias_std * torch.randn(1, generator=generator, dtype=torch.float64)).float()
+    assert torch.equal(values["weight"], expected) and torch.equal(values["bias"], expected_bias)
+    assert all(torch.equal(values[n], v) for n, v in reinitialised_values(model, masks, seed=4).items())
+    assert not torch.equal(reinitialised_values(model, masks, seed=5)["weight"], values["weight"])
+    assert not torch.equal(expected, (mean + std * torch.randn(30_000, generator=torch.Generator().manual_seed(4),
+                                                                 dtype=torch.float64)).float())  # not the strategy's stream
+    half = reinitialised_values(model.to(torch.bfloat16), masks, seed=4)
+    assert half["weight"].dtype == torch.bfloat16
+
+
+def test_reinit_trains_the_mask_from_new_values_against_the_untouched_base(tmp_path):
+    base = make_tiny_lm(seed=0)
+    callback = MaskCallback(GradMagnitude(seed=3), verify_every=1, reinit=True)
+    module, start = fit_recording_start(tmp_path, 3, callback)  # verify() after every step passes
+    state, masks = callback.state, callback.state.masks
+    expected = reinitialised_values(base, masks, seed=3)
+    assert sorted(start) == sorted(expected)
+    for name, values in start.items():
+        assert torch.equal(values, expected[name]), name  # training started from the drawn values
+        base_values = base.get_parameter(name).detach().view(-1)[masks[name]]
+        assert int((values != base_values).sum()) == masks.count(name)
+        assert torch.equal(state.base_values[name], base_values)  # the recorded base is the base, not the draw
+    for name, param, base_param, keep in frozen_and_active(module.model, masks):
+        assert torch.equal(param[~keep], base_param[~keep]), f"frozen entries of {name} moved"
+    with swapped_to_base(module.model, masks, state.base_values) as reference:  # the KL reference is the base itself
+        assert model_fingerprint(reference) == model_fingerprint(base)
+    delta = save_delta(tmp_path / "delta.safetensors", module.model, dict(masks.items()), base_model="tiny",
+                       base_fingerprint=state.base_fingerprint, strategy=None, sparsity=0.9, step=3)
+    exported = apply_delta(make_tiny_lm(seed=0), delta)  # base with the trained values at the active entries
+    assert all(torch.equal(p, q) for p, q in zip(exported.parameters(), module.model.parameters()))
+    assert callback.state_dict()["reinit"] is True
+
+
+def test_without_reinit_training_starts_from_the_base_values(tmp_path):
+    base = make_tiny_lm(seed=0)
+    callback = MaskCallback(GradMagnitude(seed=3))
+    _, start = fit_recording_start(tmp_path, 1, callback)
+    assert start and all(torch.equal(v, base.get_parameter(n).detach().view(-1)[callback.state.masks[n]])
+                         for n, v in start.items())
+    assert callback.state_dict()["reinit"] is False
+
+
+def test_resume_restores_trained_values_without_reinitialising_again(tmp_path):
+    straight = fit(tmp_path, 4, MaskCallback(GradMagnitude(), reinit=True))
+
+    callback = MaskCallback(GradMagnitude(), reinit=True)
+    run = trainer(tmp_path, 2, callback)
+    run.fit(TinyModule(callback), datamodule=TinyData())
+    path = tmp_path / "two.ckpt"
+    run.save_checkpoint(path)
+    again = MaskCallback(GradMagnitude(), reinit=True)
+    resumed = fit(tmp_path, 4, again, ckpt_path=path)
+    assert resumed.losses == pytest.approx(straight.losses[2:], rel=1e-6)
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name  # a second draw at resume would have overwritten the trained values
+    with pytest.raises(ValueError, match=r"^resume: model\.reinit is false here but true in the checkpoint$"):
+        fit(tmp_path, 4, MaskCallback(GradMagnitude()), ckpt_path=path)

@@ -129,6 +129,20 @@ def test_save_load_round_trip(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["masks.safetensors"]  # no temp file left
 
 
+def test_equal_masks_and_metadata_give_equal_bytes(tmp_path):
+    masks = Masks({"w": torch.tensor([1, 7]), "v": torch.tensor([0])}, {"w": (4, 5), "v": (3,)})
+    metadata = {f"key{i}": str(i) for i in range(12)}  # safetensors writes metadata in hash-map order
+    paths = [tmp_path / f"{n}.safetensors" for n in range(4)]
+    for n, path in enumerate(paths):
+        masks.save(path, metadata=dict(reversed(metadata.items())) if n % 2 else metadata)
+    assert len({path.read_bytes() for path in paths}) == 1
+    blob = paths[0].read_bytes()
+    header_length = int.from_bytes(blob[:8], "little")
+    assert header_length % 8 == 0 and blob[8:8 + header_length].startswith(b'{"__metadata__":{"format":')
+    loaded = Masks.load(paths[0])
+    assert loaded == masks and loaded.metadata == metadata
+
+
 def test_index_dtype_switches_at_two_to_the_31():
     assert index_dtype(2**31 - 1) == torch.int32
     assert index_dtype(2**31) == torch.int64
@@ -157,3 +171,33 @@ def test_load_errors(tmp_path):
     save_file({"w": torch.zeros(2)}, str(other), metadata={"format": "something.else"})
     with pytest.raises(ValueError, match="not an mthlib mask file"):
         Masks.load(other)
+
+
+def test_shuffled_keeps_every_count_and_draws_new_positions_reproducibly():
+    planted = Masks({"w": torch.arange(100), "b": torch.tensor([2, 3]), "v": torch.arange(50)},
+                    {"w": (100, 100), "b": (8,), "v": (5, 10), "empty": (7,)})
+    planted.metadata["strategy"] = "not carried over"
+    shuffled = planted.shuffled(seed=1)
+    assert shuffled.shapes == planted.shapes and shuffled.metadata == {}
+    assert {n: shuffled.count(n) for n in shuffled} == {"w": 100, "b": 2, "v": 50, "empty": 0}
+    # the first 100 of 10,000 entries: a uniform draw keeps all of them with probability 1 / C(10000, 100)
+    assert not torch.equal(shuffled["w"], planted["w"])
+    assert torch.equal(shuffled["v"], planted["v"])  # every entry active: nowhere else to go
+    for name, idx in shuffled.items():  # valid indices: sorted, unique, in range (Masks validates them)
+        assert torch.equal(idx, torch.unique(idx))
+    again, other = planted.shuffled(seed=1), planted.shuffled(seed=2)
+    assert again == shuffled and other != shuffled
+    generator = torch.Generator().manual_seed(1)  # the rule: parameters in order, first k of one randperm each
+    expected_w = torch.sort(torch.randperm(10_000, generator=generator)[:100]).values
+    expected_b = torch.sort(torch.randperm(8, generator=generator)[:2]).values
+    assert torch.equal(shuffled["w"], expected_w) and torch.equal(shuffled["b"], expected_b)
+
+
+def test_shuffled_positions_are_uniform_whatever_the_source():
+    source = Masks({"w": torch.arange(5)}, {"w": (50,)})  # always the first 5 of 50 entries
+    hits = torch.zeros(50)
+    for seed in range(400):
+        hits[source.shuffled(seed)["w"]] += 1
+    # each entry is drawn with probability 5/50: 40 hits expected in 400 draws, sd 6; allow 5 sd
+    assert hits.sum() == 2000 and hits.min() > 10 and hits.max() < 70
+    assert hits[:5].mean() == pytest.approx(40, abs=10)  # the source's own positions are not favoured

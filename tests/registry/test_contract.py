@@ -81,6 +81,15 @@ def _saved(strategy: MaskStrategy, params: dict[str, nn.Parameter]) -> int:
     return sum(strategy.keep_count(p.numel()) for p in params.values())  # the file holds a 0.9 random mask
 
 
+def _nm(strategy: MaskStrategy, params: dict[str, nn.Parameter]) -> int:
+    return sum(p.numel() * strategy.n // strategy.m for p in params.values())  # n of every m, in every tensor
+
+
+def _whole_tiles(strategy: MaskStrategy, params: dict[str, nn.Parameter]) -> int:
+    tile = strategy.block_size ** 2  # every dimension of the contract model is a multiple of the block size
+    return tile * (_global(strategy, params) // tile)
+
+
 CASES: dict[str, tuple[dict[str, Any], CountRule]] = {
     "random": ({"sparsity": 0.9, "seed": 3}, _per_tensor),
     "fisher": ({"sparsity": 0.9, "num_samples": 4}, _global),
@@ -90,6 +99,11 @@ CASES: dict[str, tuple[dict[str, Any], CountRule]] = {
     "rigl": ({"sparsity": 0.9, "seed": 3, "num_samples": 4}, _per_tensor),
     "diff": ({"finetuned": "{tuned}"}, _changed),
     "file": ({"path": "{mask_file}"}, _saved),
+    "grasp": ({"sparsity": 0.9, "num_samples": 4}, _global),
+    "synflow": ({"sparsity": 0.9, "rounds": 4}, _global),
+    "continuous": ({"sparsity": 0.9, "num_samples": 4, "steps": 3}, _global),
+    "nm": ({"n": 1, "m": 4, "score": "fisher", "num_samples": 4}, _nm),
+    "block": ({"sparsity": 0.9, "block_size": 16, "score": "random", "seed": 3}, _whole_tiles),
     "contract_user_mask": ({"sparsity": 0.9}, _per_tensor),
 }
 
@@ -129,7 +143,8 @@ def _compute(strategy: MaskStrategy, model: nn.Module) -> Masks:
 def test_every_built_in_strategy_has_a_contract_row():
     built_in = {ep.name for ep in importlib.metadata.entry_points(group="mthlib.masks")
                 if ep.value.startswith("mthlib.registry.")}
-    assert built_in == {"random", "fisher", "snip", "magnitude", "expander", "rigl", "diff", "file"}
+    assert built_in == {"random", "fisher", "snip", "magnitude", "expander", "rigl", "diff", "file", "grasp", "synflow",
+                        "continuous", "nm", "block"}
     assert built_in <= set(CASES) and set(CASES) <= set(available_masks())
 
 
@@ -200,6 +215,13 @@ RECORDED_DEFAULTS: dict[str, dict[str, Any]] = {
     "rigl": {**SHARED, "allocation": "per_tensor", "drop_fraction": 0.3, "update_every": 10, "total_steps": 1000,
              "init": "random", "num_samples": 16},
     "diff": {**SHARED, "sparsity": 0.0, "finetuned": "(required)", "tolerance": 1e-5},
+    "grasp": {**SHARED, "num_samples": 128},
+    "synflow": {**SHARED, "rounds": 20},
+    "continuous": {**SHARED, "candidates": 10, "steps": 100, "gate_lr": 0.1, "update_lr": 1e-4, "penalty": 0.1,
+                   "temperature_start": 1.0, "temperature_end": 0.01, "num_samples": 64},
+    "nm": {**{k: v for k, v in SHARED.items() if k not in ("sparsity", "allocation")}, "n": 2, "m": 4,
+           "score": "magnitude", "num_samples": 128},
+    "block": {**SHARED, "block_size": 32, "score": "magnitude", "num_samples": 128},
 }
 """``config()["init_args"]`` of each built-in strategy with its defaults, as checkpoints and deltas recorded it
 before the shared options moved to ``**options``: resuming compares these, so neither keys nor values may change."""
@@ -229,7 +251,8 @@ def test_config_records_exactly_what_the_command_line_shows(name, tuned):
     strategy, _ = _build(name, tuned)
     assert list(strategy.config()["init_args"]) == shown
     if name != "file":  # a saved mask is taken whole: the file strategy has none of the shared options
-        assert set(SHARED) - {"allocation"} <= set(shown)
+        fixed = {"sparsity", "allocation"} if name == "nm" else {"allocation"}  # n:m fixes the density
+        assert set(SHARED) - fixed <= set(shown)
 
 
 REGISTRY = Path(__file__).resolve().parents[2] / "registry"
