@@ -127,9 +127,15 @@ def test_pruning_ranks_exactly_whether_or_not_it_samples_a_bracket():
     assert torch.nonzero(~torch.cat(alive)).view(-1).tolist() == sorted(-i for _, i in order[:200])
 
 
-def test_bad_inputs_give_one_line_errors():
+def test_bad_inputs_give_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match=r"rounds must be >= 1"):
         SynFlow(rounds=0)
+    path = tmp_path / "most.safetensors"  # 9 of the 10 entries: 1 left where 2 are wanted
+    Masks({"embed.weight": torch.arange(8), "head.weight": torch.tensor([0])},
+          {"embed.weight": (4, 2), "head.weight": (1, 2)}).save(path)
+    strategy = SynFlow(sparsity=0.8, rounds=3, exclude_mask=str(path))
+    with pytest.raises(ValueError, match="cannot keep 2 entries: only 1 of 10"):
+        strategy.compute(TwoLayer(torch.ones(4, 2), torch.ones(1, 2)), None)
     with pytest.raises(ValueError, match="get_input_embeddings"):
         SynFlow().compute(Lookup(torch.ones(2, 2)), None)
     huge = TwoLayer(torch.full((2, 2), 1e200, dtype=torch.float64), torch.full((2, 2), 1e200, dtype=torch.float64))
