@@ -30,7 +30,9 @@ from mthlib.masking import get_mask_class, load_short_names
 from mthlib.monitor import filter_known_warnings
 from mthlib.utils import remove_stale_temps
 
-TOOL_GROUPS = ("masks", "analyze", "export", "plot", "tickets")
+TOOL_GROUPS = ("masks", "analyze", "export", "plot", "tickets", "sweep", "report")
+POSITIONAL_GROUPS = {"plot", "report"}
+"""Tool commands whose required arguments are positional (``mth plot RUN_DIR``, ``mth report RUNS_DIR``)."""
 STRICT_PARSING = {"exit_on_error": False, "allow_abbrev": False}
 """Parser settings of every ``mth`` command: errors raise (one line, see :mod:`mthlib.cli_errors`); no prefix matching."""
 IGNORED_TRAINER_FLAGS = {
@@ -242,7 +244,7 @@ def _tool_parser() -> tuple[ArgumentParser, dict[tuple[str, ...], ArgumentParser
     for group, functions in tools.COMMANDS.items():
         group_parser = subparsers[(group,)] = ArgumentParser(description=tools.DESCRIPTIONS[group], **STRICT_PARSING)
         if callable(functions):
-            group_parser.add_function_arguments(functions, as_positional=group == "plot")
+            group_parser.add_function_arguments(functions, as_positional=group in POSITIONAL_GROUPS)
             groups.add_subcommand(group, group_parser, help=tools.DESCRIPTIONS[group])
             continue
         groups.add_subcommand(group, group_parser, help=tools.DESCRIPTIONS[group])

@@ -59,8 +59,10 @@ class PromptDataModule(pl.LightningDataModule):
             with the blog's settings.
         batch_size: Prompts per training step (each gets ``num_generations`` completions).
         seed: Seed of the training prompt stream.
-        eval_size: Prompts in the fixed evaluation set (the blog: 512).
-        eval_seed: Seed of the evaluation set (the blog: 2001).
+        eval_size: Prompts in the fixed evaluation set (the blog: 512); an environment with a
+            held-out split of fewer prompts evaluates on all of them.
+        eval_seed: Seed of the evaluation set (the blog: 2001); see
+            :meth:`~mthlib.envs.Environment.evaluation_episodes`.
         eval_batch_size: Prompts per evaluation batch (greedy decoding).
     """
 
@@ -97,7 +99,7 @@ class PromptDataModule(pl.LightningDataModule):
         return self._eval_loader()
 
     def _eval_loader(self) -> DataLoader:
-        episodes = self.env.episodes(self.eval_seed, self.eval_size)
+        episodes = self.env.evaluation_episodes(self.eval_seed, self.eval_size)
         return DataLoader(episodes, batch_size=self.eval_batch_size, shuffle=False, collate_fn=_as_list)
 
     def transfer_batch_to_device(self, batch: list[Episode], device: torch.device, dataloader_idx: int) -> list[Episode]:

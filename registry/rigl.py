@@ -73,9 +73,8 @@ class RigL(MaskStrategy):
     ) -> None:
         if not 0.0 <= drop_fraction <= 1.0:
             raise ValueError(f"drop_fraction must be in [0, 1]; got {drop_fraction}")
-        if update_every < 1 or total_steps < 1 or num_samples < 1:
-            got = f"{update_every}, {total_steps}, {num_samples}"
-            raise ValueError(f"update_every, total_steps and num_samples must be >= 1; got {got}")
+        if update_every < 1 or total_steps < 1:
+            raise ValueError(f"update_every and total_steps must be >= 1; got {update_every}, {total_steps}")
         if init not in ("random", "magnitude"):
             raise ValueError(f"init must be 'random' or 'magnitude'; got {init!r}")
         super().__init__(allocation=allocation, **options)
@@ -83,7 +82,7 @@ class RigL(MaskStrategy):
         self.update_every = update_every
         self.total_steps = total_steps
         self.init = init
-        self.num_samples = num_samples
+        self.use_calibration(num_samples)
 
     def compute(self, model: nn.Module, batches: Iterable[Batch] | None) -> Masks:
         """The initial mask (``batches`` are not used)."""

@@ -33,10 +33,8 @@ class Snip(MaskStrategy):
     needs_calibration = True
 
     def __init__(self, num_samples: int = 128, **options: Any) -> None:
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1 (calibration sequences); got {num_samples}")
         super().__init__(**options)
-        self.num_samples = num_samples
+        self.use_calibration(num_samples)
 
     def compute(self, model: nn.Module, batches: Iterable[Batch] | None) -> Masks:
         """Score by ``|g * w|`` with ``g`` summed over ``batches`` and keep the top ``k``."""

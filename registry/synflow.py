@@ -33,10 +33,11 @@ class SynFlow(MaskStrategy):
     drops the lowest scores, tied entries the later parameter and higher flat index
     first, so the survivors are what :meth:`~mthlib.masking.MaskStrategy.top_k` would
     keep among the previous round's survivors (exact count, ties to the earlier
-    parameter, then the lower index); ``top_k`` itself is not called, because with 99%
-    of the entries already dead its sampled bound degenerates and it copies and ranks
-    all of them (twice the peak memory on a 135M model). ``exclude_mask`` entries are
-    never chosen and never pruned: they stay in the network with their ``|w|``.
+    parameter, then the lower index); ``top_k`` itself is not called, because it ranks
+    one concatenated copy of all the scores (1 GiB in float64 on a 135M model, on top
+    of the float64 network and its gradients), while a round prunes each tensor's
+    scores in place. ``exclude_mask`` entries are never chosen and never pruned: they
+    stay in the network with their ``|w|``.
 
     Adaptation to a causal LM (where it departs from the paper, and why):
 
@@ -85,8 +86,9 @@ class SynFlow(MaskStrategy):
     model (twice an fp32 model), its gradients and one float64 score per eligible entry
     (the 135M embedded model: 3.8 GiB peak resident memory). The paper uses 100 rounds;
     the default here is 20, each pruning about a fifth of the survivors at sparsity
-    0.99, because a round of the embedded model costs 15-25 s on a busy 2-core CPU (20
-    rounds: 6-8 minutes) and the mask changes little beyond that: on a 2M-parameter
+    0.99, because a round of the embedded model costs 3-25 s on a 2-core CPU (20 rounds:
+    65 s with the machine partly shared, up to 8 minutes when it was busy) and the mask
+    changes little beyond that: on a 2M-parameter
     12-layer Llama the masks of 20 and 50 rounds share 87% of their entries, those of
     50 and 100 rounds 95%. Set ``rounds: 100`` for the paper's schedule.
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download: read before huggingface_hub is imported, inherited by subprocesses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
@@ -74,6 +76,30 @@ def make_tiny_chat_lm(seed: int = 0, hidden: int = 32, layers: int = 2):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = None
     return model, tokenizer
+
+
+TINY_FIT_CONFIG = """
+trainer:
+  max_steps: 2
+  limit_val_batches: 0
+  enable_progress_bar: false
+  enable_model_summary: false
+checkpoint:
+  every_n_train_steps: 10
+model:
+  model_name_or_path: {model}
+  num_generations: 2
+  max_completion_length: 4
+  learning_rate: 0.01
+  mask: {mask}
+data:
+  env:
+    class_path: tests.grpo.toy.LetterA
+    init_args: {{letters: abcdefghij}}
+  batch_size: 1
+  eval_size: 2
+"""
+"""A two-step ``mth fit`` config of a tiny saved model (``{model}``) on the toy letter task; ``{mask}`` is YAML."""
 
 
 def save_tiny_chat_lm(folder, seed: int = 0) -> str:

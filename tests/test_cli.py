@@ -107,10 +107,10 @@ def test_masks_list_and_build(tiny_config, tmp_path, capsys):
     assert 0.09 < masks.density < 0.11
 
 
-SHIPPED_CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").glob("*.yaml"))
+SHIPPED_CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").rglob("*.yaml"))
 
 
-@pytest.mark.parametrize("config", SHIPPED_CONFIGS, ids=[path.name for path in SHIPPED_CONFIGS])
+@pytest.mark.parametrize("config", SHIPPED_CONFIGS, ids=[path.stem for path in SHIPPED_CONFIGS])
 def test_every_shipped_config_parses(config, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as stop:
@@ -122,3 +122,37 @@ def test_every_shipped_config_parses(config, tmp_path, monkeypatch, capsys):
 
 def test_configs_folder_is_not_empty():
     assert len(SHIPPED_CONFIGS) >= 5
+
+
+BLOG_RUNS = {  # "Beyond the Lottery Ticket": (mask, sparsity, seed, learning rate) per run
+    "qwen2.5-0.5b-full": (None, None, None, 1e-6),
+    "qwen2.5-0.5b-fisher99": ("fisher", 0.99, None, 5e-6),
+    "qwen2.5-0.5b-fisher999": ("fisher", 0.999, None, 1e-5),
+    "qwen2.5-0.5b-random99-seed0": ("random", 0.99, 0, 1e-4),
+    "qwen2.5-0.5b-random99-seed2001": ("random", 0.99, 2001, 5e-5),
+    "qwen2.5-0.5b-random99-seed42": ("random", 0.99, 42, 5e-5),
+}
+
+
+@pytest.mark.parametrize("name", BLOG_RUNS)
+def test_blog_configs_state_the_blogs_settings(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(Path(__file__).parents[1] / "configs" / "mth" / f"{name}.yaml"), "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    model, data = config["model"], config["data"]
+    mask, sparsity, seed, learning_rate = BLOG_RUNS[name]
+    assert model["model_name_or_path"] == "Qwen/Qwen2.5-0.5B-Instruct" and model["learning_rate"] == learning_rate
+    assert (data["eval_size"], data["eval_seed"], config["trainer"]["max_steps"]) == (512, 2001, 300)
+    env = data["env"]["init_args"]
+    assert (env["min_turns"], env["max_turns"], env["min_names_per_turn"], env["max_names_per_turn"], env["power"]) \
+        == (1, 3, 1, 5, 4.0)
+    if mask is None:
+        assert model["mask"] is None and model["dtype"] == "float32"  # a dense 1e-6 step would round away in bf16
+        return
+    assert model["mask"]["class_path"].endswith(mask) and model["mask"]["init_args"]["sparsity"] == sparsity
+    assert model["dtype"] == "bfloat16"
+    if mask == "fisher":
+        assert model["mask"]["init_args"]["num_samples"] == 1024
+    else:
+        assert model["mask"]["init_args"]["seed"] == seed

@@ -66,9 +66,10 @@ def test_every_strategy_has_a_page_with_its_class(built_site: Path, name: str) -
 
 def test_api_reference_documents_the_public_modules(built_site: Path) -> None:
     html = (built_site / "reference" / "api.html").read_text(encoding="utf-8")
-    for anchor in ("mthlib.envs.AlphabetSort", "mthlib.envs.JsonlEnv", "mthlib.masking.MaskStrategy",
-                   "mthlib.deltas.save_delta", "mthlib.grpo.module.GRPOModule", "mthlib.analysis.update_sparsity",
-                   "mthlib.masking.SparseState", "mthlib.masking.compute_masks", "mthlib.grpo.objective.GRPOObjective"):
+    for anchor in ("mthlib.envs.AlphabetSort", "mthlib.envs.JsonlEnv", "mthlib.envs.DatasetEnv",
+                   "mthlib.masking.MaskStrategy", "mthlib.deltas.save_delta", "mthlib.grpo.module.GRPOModule",
+                   "mthlib.analysis.update_sparsity", "mthlib.masking.SparseState", "mthlib.masking.compute_masks",
+                   "mthlib.grpo.objective.GRPOObjective"):
         assert f'id="{anchor}"' in html, f"API reference lacks {anchor}"
 
 

@@ -107,5 +107,5 @@ def test_base_loaded_lazily_through_mthlib_models(trained_delta, tmp_path, monke
 
 def test_bad_format_is_refused(trained_delta, tmp_path):
     _, _, path = trained_delta
-    with pytest.raises(ValueError, match="'hf' or 'delta'"):
+    with pytest.raises(ValueError, match="'hf', 'delta' or 'peft'"):
         export_model(path, tmp_path / "x", format="gguf")

@@ -1,4 +1,9 @@
-"""Model loading: local folders, clear errors, and the embedded default (slow)."""
+"""Model loading: local folders, Hub ids through a local fake cache (offline), clear errors, and the embedded default (slow)."""
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -52,3 +57,36 @@ def test_embedded_model_loads_and_generates(tmp_path, monkeypatch):
     assert out.shape[1] > ids["input_ids"].shape[1]
     again, _ = load_model(EMBEDDED)  # the second load reads the cached safetensors folder
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), again.parameters()))
+
+
+HUB_PROBE = """
+import json, sys
+from mthlib.models import load_model
+model, tokenizer = load_model("fake-org/tiny-chat")
+out = {"params": [p.detach().flatten()[:5].tolist() for p in model.parameters()], "vocab": len(tokenizer)}
+try:
+    load_model("fake-org/not-cached")
+except FileNotFoundError as err:
+    out["error"] = str(err)
+print(json.dumps(out))
+"""
+
+
+def test_a_hub_id_loads_from_the_hugging_face_cache_offline(tmp_path):
+    """A Hub id resolves through ``HF_HUB_CACHE`` with ``HF_HUB_OFFLINE=1``: the fake cache's model, never the network."""
+    model, tokenizer = make_tiny_chat_lm(seed=4)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--fake-org--tiny-chat"
+    model.save_pretrained(repo / "snapshots" / commit)
+    tokenizer.save_pretrained(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", HUB_PROBE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["params"] == [p.detach().flatten()[:5].tolist() for p in model.parameters()]
+    assert out["vocab"] == len(tokenizer)
+    assert out["error"].startswith("cannot load model 'fake-org/not-cached': no such folder; as a Hub id: not in the "
+                                   "Hugging Face cache, and HF_HUB_OFFLINE is set")
+    assert "\n" not in out["error"]

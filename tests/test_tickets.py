@@ -16,29 +16,8 @@ from mthlib.masking import Masks
 from mthlib.models import load_model
 from mthlib.ticket_schedule import early_bird_stop, hamming_distance, prune, sparsity_schedule
 from mthlib.tickets import find_tickets
-from tests.conftest import save_tiny_chat_lm
+from tests.conftest import TINY_FIT_CONFIG, save_tiny_chat_lm
 
-CONFIG = """
-trainer:
-  max_steps: 2
-  limit_val_batches: 0
-  enable_progress_bar: false
-  enable_model_summary: false
-checkpoint:
-  every_n_train_steps: 10
-model:
-  model_name_or_path: {model}
-  num_generations: 2
-  max_completion_length: 4
-  learning_rate: 0.01
-  mask: {mask}
-data:
-  env:
-    class_path: tests.grpo.toy.LetterA
-    init_args: {{letters: abcdefghij}}
-  batch_size: 1
-  eval_size: 2
-"""
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +26,7 @@ def world(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tickets")
     model = save_tiny_chat_lm(folder / "tiny", seed=3)
     for name, mask in (("masked", "{class_path: random, init_args: {sparsity: 0.9, seed: 4}}"), ("dense", "null")):
-        (folder / f"{name}.yaml").write_text(CONFIG.format(model=model, mask=mask))
+        (folder / f"{name}.yaml").write_text(TINY_FIT_CONFIG.format(model=model, mask=mask))
     (folder / "rigl.yaml").write_text("model:\n  mask: {class_path: rigl, init_args: {sparsity: 0.9}}\n")
     return folder
 

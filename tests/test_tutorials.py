@@ -17,6 +17,8 @@ The substitutions, the same for every page (docs/installation.rst, "How the docs
 * ``configs/NAME.yaml`` is the shipped file with the sizes in ``TINY`` put in wherever the file
   sets them (steps, completions, completion length, calibration samples, evaluation prompts);
   a file that sets none of them is copied unchanged.
+* ``HF_DATASETS_CACHE`` is a folder of the page's scratch space, so a page that loads a
+  ``datasets`` dataset leaves nothing in the user's cache.
 * Commands in ``SKIPPED`` are replaced by ``true``, or by the stated equivalent, for the stated
   reason. Every other block runs:
 
@@ -47,6 +49,9 @@ Some pages state what their commands leave behind; ``CLAIMS`` checks those files
 
 from __future__ import annotations
 
+import csv
+import json
+import math
 import os
 import re
 import shutil
@@ -180,7 +185,8 @@ class PageRun:
         self.folder, self.tools, self.scratch, self.output = folder, tools, scratch, ""
         path = [str(tools)] if tools else []
         self.env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MTH_CACHE")}
-        self.env.update(ONE_THREAD, MTH_CACHE=str(cache), PATH=os.pathsep.join([*path, str(BIN), os.environ.get("PATH", "")]))
+        self.env.update(ONE_THREAD, MTH_CACHE=str(cache), HF_DATASETS_CACHE=str(scratch / "hf_datasets"),
+                        PATH=os.pathsep.join([*path, str(BIN), os.environ.get("PATH", "")]))
 
     def run(self, argv: list[str], where: Block, stdin: Path | None = None, check: bool = True) -> str:
         """Run one command in the page's folder and return its stdout (with ``check``: it must succeed)."""
@@ -284,11 +290,31 @@ def _exports_load_with_transformers(folder: Path, output: str) -> None:
         assert AutoModelForCausalLM.from_pretrained(folder / name).num_parameters() > 0, name
 
 
+def _dataset_rewards_logged(folder: Path, output: str) -> None:
+    rows = list(csv.DictReader((folder / "runs" / "quickstart" / "version_0" / "metrics.csv").open()))
+    val = [row for row in rows if row.get("val/reward")]
+    assert val, "the environments page says the run logs val/reward"
+    for key in ("val/reward", "val/correct", "val/brief"):
+        assert math.isfinite(float(val[-1][key])), f"the environments page says the run logs {key}"
+    assert {"rewards/correct", "rewards/brief"} <= set(rows[0]), "the environments page lists rewards/<name>"
+
+
+def _sweep_reported(folder: Path, output: str) -> None:
+    report = folder / "reports" / "lr_sweep"
+    for name in ("report.md", "report.html", "reward_vs_lr.png", "curves_1.png", "curves_2.png", "jaccard.png"):
+        assert (report / name).is_file(), f"the sweeps page says mth report writes {name}"
+    groups = json.loads((report / "report.json").read_text())["groups"]
+    assert [(group["learning_rate"], len(group["runs"])) for group in groups] == [(1e-4, 2), (1e-3, 2)], (
+        "the sweeps page says two seeds of a learning rate are one group")
+
+
 CLAIMS: dict[str, Callable[[Path, str], None]] = {
+    "docs/environments.rst": _dataset_rewards_logged,
     "docs/quickstart.rst": _run_folder_files,
     "docs/tutorials/custom_strategy.rst": _strategy_listed,
     "docs/tutorials/measuring.rst": _reports_written,
     "docs/tutorials/checkpoints.rst": _exports_load_with_transformers,
+    "docs/tutorials/sweeps.rst": _sweep_reported,
 }
 
 

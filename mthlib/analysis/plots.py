@@ -118,3 +118,48 @@ def curves_plot(
     axes.set_title(title)
     axes.legend(fontsize=8)
     return _save(figure, Path(path))
+
+
+Band = tuple[Sequence[float], Sequence[float], Sequence[float], Sequence[float]]
+"""``(steps, means, lows, highs)`` of one curve drawn with a shaded band."""
+
+
+def band_plot(curves: Mapping[str, Band], title: str, path: str | os.PathLike) -> Path | None:
+    """Mean curves against step, each with a shaded band from its lows to its highs; None without matplotlib."""
+    figure = _figure(6.0, 3.5)
+    if figure is None:
+        return None
+    axes = figure.add_subplot()
+    for name, (steps, means, lows, highs) in curves.items():
+        (line,) = axes.plot(steps, means, label=name, marker="o" if len(steps) <= 20 else None, markersize=3)
+        axes.fill_between(steps, lows, highs, color=line.get_color(), alpha=0.2, linewidth=0)
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    axes.set_xlabel("step")
+    axes.set_title(title)
+    axes.legend(fontsize=8)
+    return _save(figure, Path(path))
+
+
+def errorbar_plot(
+    series: Mapping[str, Sequence[tuple[float, float, float]]], xlabel: str, ylabel: str, title: str,
+    path: str | os.PathLike, log_x: bool = False,
+) -> Path | None:
+    """One line of ``(x, mean, error)`` points per named series, with error bars; None without matplotlib.
+
+    A NaN error (one sample) draws no bar.
+    """
+    figure = _figure(6.0, 4.0)
+    if figure is None:
+        return None
+    axes = figure.add_subplot()
+    for name, points in series.items():
+        xs, means, errors = zip(*sorted(points))
+        axes.errorbar(xs, means, yerr=[0.0 if math.isnan(e) else e for e in errors], label=name, marker="o",
+                      markersize=4, capsize=3)
+    if log_x:
+        axes.set_xscale("log")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title)
+    axes.legend(fontsize=8)
+    return _save(figure, Path(path))

@@ -1,7 +1,8 @@
-"""Render analysis results: aligned text tables for stdout, Markdown and JSON files for an output folder."""
+"""Render analysis results: aligned text tables for stdout, Markdown, HTML and JSON files for an output folder."""
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import os
@@ -28,6 +29,25 @@ class Table:
     title: str
     headers: list[str]
     rows: list[list[Cell]]
+
+
+@dataclass(frozen=True)
+class Section:
+    """A titled paragraph of a report, with an optional figure: what is not a table.
+
+    Attributes:
+        title: The section heading.
+        text: A paragraph under the heading (may be empty).
+        image: Path of a PNG relative to the report's folder, shown under the heading; None for text only.
+    """
+
+    title: str
+    text: str = ""
+    image: str | None = None
+
+
+Part = Table | Section
+"""One block of a Markdown or HTML report, in reading order."""
 
 
 class Reportable(Protocol):
@@ -71,16 +91,51 @@ def render_text(tables: Sequence[Table]) -> str:
     return "\n\n".join(blocks) + "\n"
 
 
-def render_markdown(tables: Sequence[Table], heading: str) -> str:
-    """Tables as a Markdown document under ``heading``."""
-    parts = [f"# {heading}\n"]
-    for table in tables:
-        parts.append(f"## {table.title}\n")
-        parts.append("| " + " | ".join(table.headers) + " |")
-        parts.append("|" + "|".join("---" for _ in table.headers) + "|")
-        parts.extend("| " + " | ".join(format_cell(c) for c in row) + " |" for row in table.rows)
-        parts.append("")
-    return "\n".join(parts)
+def _md_cell(text: str) -> str:
+    """A table cell's text with its pipes escaped (``|I1∩I2|`` would split the cell)."""
+    return text.replace("|", "\\|")
+
+
+def render_markdown(parts: Sequence[Part], heading: str) -> str:
+    """Tables and sections as a Markdown document under ``heading`` (figures as relative image links)."""
+    lines = [f"# {heading}\n"]
+    for part in parts:
+        lines.append(f"## {part.title}\n")
+        if isinstance(part, Section):
+            if part.image is not None:
+                lines.append(f"![{part.title}]({part.image})\n")
+            if part.text:
+                lines.append(f"{part.text}\n")
+            continue
+        lines.append("| " + " | ".join(_md_cell(h) for h in part.headers) + " |")
+        lines.append("|" + "|".join("---" for _ in part.headers) + "|")
+        lines.extend("| " + " | ".join(_md_cell(format_cell(c)) for c in row) + " |" for row in part.rows)
+        lines.append("")
+    return "\n".join(lines)
+
+
+_HTML_STYLE = ("body{font-family:sans-serif;max-width:72em;margin:2em auto;padding:0 1em}"
+               "table{border-collapse:collapse;margin:0.5em 0 1.5em}th,td{border:1px solid #ccc;padding:0.2em 0.6em}"
+               "td{text-align:right}td:first-child{text-align:left}th{background:#f2f2f2}img{max-width:100%}")
+
+
+def render_html(parts: Sequence[Part], heading: str) -> str:
+    """Tables and sections as one HTML page under ``heading``: inline style, no script, figures by relative path."""
+    body = [f"<h1>{html.escape(heading)}</h1>"]
+    for part in parts:
+        body.append(f"<h2>{html.escape(part.title)}</h2>")
+        if isinstance(part, Section):
+            if part.image is not None:
+                body.append(f'<img src="{html.escape(part.image)}" alt="{html.escape(part.title)}">')
+            if part.text:
+                body.append(f"<p>{html.escape(part.text)}</p>")
+            continue
+        header = "".join(f"<th>{html.escape(h)}</th>" for h in part.headers)
+        rows = "".join("<tr>" + "".join(f"<td>{html.escape(format_cell(c))}</td>" for c in row) + "</tr>"
+                       for row in part.rows)
+        body.append(f"<table><tr>{header}</tr>{rows}</table>")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(heading)}</title>'
+            f"<style>{_HTML_STYLE}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
 def _json_safe(value: Any) -> Any:
@@ -93,11 +148,28 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def write_report(result: Reportable, out: str | os.PathLike, name: str) -> list[Path]:
-    """Write ``<out>/<name>.md`` and ``<out>/<name>.json`` atomically; return their paths."""
+def write_report(
+    result: Reportable, out: str | os.PathLike, name: str, *,
+    parts: Sequence[Part] | None = None, heading: str | None = None, html_page: bool = False,
+) -> list[Path]:
+    """Write ``<out>/<name>.md`` and ``<out>/<name>.json`` (and ``<name>.html``) atomically; return their paths.
+
+    Args:
+        result: What is reported; its :meth:`~Reportable.to_dict` is the JSON file.
+        out: The folder (created if needed).
+        name: The files' stem.
+        parts: The pages' blocks in order (default: ``result.tables()``).
+        heading: The pages' title (default: ``name``).
+        html_page: Also write the parts as one HTML page.
+    """
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
-    markdown, data = folder / f"{name}.md", folder / f"{name}.json"
-    atomic_write_text(markdown, render_markdown(result.tables(), name))
-    atomic_write_text(data, json.dumps(_json_safe(result.to_dict()), indent=2, allow_nan=False) + "\n")
-    return [markdown, data]
+    blocks = result.tables() if parts is None else parts
+    title = name if heading is None else heading
+    written = [folder / f"{name}.md", folder / f"{name}.json"]
+    atomic_write_text(written[0], render_markdown(blocks, title))
+    atomic_write_text(written[1], json.dumps(_json_safe(result.to_dict()), indent=2, allow_nan=False) + "\n")
+    if html_page:
+        written.append(folder / f"{name}.html")
+        atomic_write_text(written[2], render_html(blocks, title))
+    return written

@@ -8,7 +8,7 @@ entries, in the parameter's dtype, so applying is an exact scatter), plus string
 metadata naming the base (``base_fingerprint``), the strategy, sparsity and step.
 """
 
-from mthlib.deltas.combine import apply_delta, merge_deltas
+from mthlib.deltas.combine import apply_delta, check_base, merge_deltas
 from mthlib.deltas.format import (
     FORMAT,
     INDICES_SUFFIX,
@@ -35,6 +35,7 @@ __all__ = [
     "SparseDelta",
     "apply_delta",
     "build_delta",
+    "check_base",
     "check_entries",
     "content_fingerprint",
     "index_dtype",

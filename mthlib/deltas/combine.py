@@ -41,6 +41,25 @@ def apply_delta(
             (with ``check_fingerprint``) a different base; nothing is written then.
     """
     delta, label = _as_delta(delta)
+    params = check_base(model, delta, label, check_fingerprint=check_fingerprint)
+    with torch.no_grad():
+        for name in sorted(delta.indices):
+            _scatter(params[name], delta.indices[name], delta.values[name])
+    return model
+
+
+def check_base(
+    model: nn.Module, delta: SparseDelta, label: str = "sparse delta", *, check_fingerprint: bool = True
+) -> dict[str, nn.Parameter]:
+    """Check that ``delta`` applies to ``model`` (the checks of :func:`apply_delta`); return its parameters by name.
+
+    Shared by every consumer that lays a delta over its base (``apply_delta``, the PEFT export),
+    so they refuse the same bases with the same lines.
+
+    Raises:
+        ValueError: ``"cannot apply <label>: ..."``: a name the model lacks, a shape or dtype
+            that differs, two names of one tied parameter, or (with ``check_fingerprint``) a different base.
+    """
     params = parameter_lookup(model)
     canonical = canonical_names(model)
     targets: dict[str, str] = {}
@@ -63,10 +82,7 @@ def apply_delta(
         if actual != delta.base_fingerprint:
             raise ValueError(f"cannot apply {label}: it was made for base fingerprint {delta.base_fingerprint} "
                              f"({delta.base_model}) but this model has fingerprint {actual}")
-    with torch.no_grad():
-        for name in sorted(delta.indices):
-            _scatter(params[name], delta.indices[name], delta.values[name])
-    return model
+    return params
 
 
 def _scatter(param: Tensor, indices: Tensor, values: Tensor) -> None:

@@ -9,6 +9,7 @@ the Hugging Face data set of arXiv authors.
 from __future__ import annotations
 
 import random
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +20,7 @@ NAMES_FILE = Path(__file__).with_name("names.txt")
 FIRST_TAG = "alphabetical_sorted"
 LATER_TAG = "combined_alphabetical_sorted"
 NEW_MARK = " // new name!"
+_PROMPT_LIST = re.compile(r"by (?:FIRST|LAST) name: ([^\n]*)")
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -71,7 +73,16 @@ class AlphabetSort(Environment):
     Metrics beside ``reward``: ``format`` (fraction of turns with a complete answer tag pair),
     ``similarity`` (mean unpowered turn score, strict-increase rule included, over the turns that
     had a pair; 0.0 if none did) and ``accuracy`` (1.0 when every turn's counted attempt equals the
-    expected answer after normalisation).
+    expected answer after normalisation). Three more tell sorting from copying, each the fraction
+    of turns whose last tagged attempt qualifies (a turn without a tag pair counts 0):
+
+    * ``order``: every expected name appears, and in the expected order, whatever the layout
+      (one line, commas, spaces inside names, case and ``// new name!`` marks are ignored);
+    * ``copy``: every expected name appears in the order the *input* gave them: the prompt's
+      order on turn 1; on a later turn the previous turn's expected list followed by the new
+      names as the prompt gave them. With few names the input order is often already sorted
+      (a 2-name turn: half the time), so ``copy`` and ``order`` overlap by chance;
+    * ``one_per_line``: the non-empty lines are the expected names, one each (any order).
 
     Args:
         min_turns: Fewest turns of an episode.
@@ -87,7 +98,7 @@ class AlphabetSort(Environment):
             exactly; a small bonus gives a weak model a learning signal before it can sort.
     """
 
-    metrics = ("reward", "accuracy", "format", "similarity")
+    metrics = ("reward", "accuracy", "format", "similarity", "order", "copy", "one_per_line")
 
     def __init__(
         self,
@@ -174,10 +185,11 @@ class AlphabetSort(Environment):
         return f"{text}\n\nUse exactly this format:\n{_format_block(LATER_TAG, lines)}"
 
     def score(self, episode: Episode, replies: list[str]) -> dict[str, float]:
-        """Reward exactly as the original environment computes it, plus format, similarity and accuracy."""
+        """Reward exactly as the original environment computes it, plus the metrics of the class docstring."""
         num_turns = episode.num_turns
         power = self.power if self.power_per_turn else None
         scores, raw_scores, formatted, exact = [], [], 0, 0
+        layout = {"order": 0, "copy": 0, "one_per_line": 0}
         for turn, expected_lines in enumerate(episode.answer):
             reply = replies[turn] if turn < len(replies) else ""
             tag = LATER_TAG if turn else FIRST_TAG
@@ -187,6 +199,11 @@ class AlphabetSort(Environment):
             if not attempts:
                 continue
             formatted += 1
+            names = [line.removesuffix(NEW_MARK) for line in expected_lines]
+            found = names_in_order(attempts[-1], names)
+            layout["order"] += found == names
+            layout["copy"] += found == input_order(episode, turn)
+            layout["one_per_line"] += sorted(_lines(attempts[-1])) == sorted(map(_plain, names))
             raw = keep_if_improving(attempt_ratios(reply, tag, expected))
             raw_scores.append(raw)
             if raw > 0 and normalize_lines(attempts[-1]) == normalize_lines(expected):
@@ -198,6 +215,7 @@ class AlphabetSort(Environment):
             "format": formatted / num_turns,
             "similarity": sum(raw_scores) / len(raw_scores) if raw_scores else 0.0,
             "accuracy": float(exact == num_turns),
+            **{key: count / num_turns for key, count in layout.items()},
         }
 
     def reference(self, episode: Episode) -> list[str]:
@@ -206,3 +224,43 @@ class AlphabetSort(Environment):
             _format_block(LATER_TAG if turn else FIRST_TAG, list(lines))
             for turn, lines in enumerate(episode.answer)
         ]
+
+
+def _plain(text: str) -> str:
+    """``text`` lower-cased without whitespace, commas or new-name marks: a name as the layout-free checks compare it."""
+    return re.sub(r"[\s,]+", "", re.sub(re.escape(NEW_MARK.strip()), "", text, flags=re.IGNORECASE)).lower()
+
+
+def _lines(text: str) -> list[str]:
+    """The non-empty lines of ``text``, each :func:`_plain`."""
+    return [plain for plain in map(_plain, text.split("\n")) if plain]
+
+
+def names_in_order(text: str, names: list[str]) -> list[str] | None:
+    """``names`` in the order they first appear in ``text``, ignoring layout; ``None`` if one is missing.
+
+    Both sides are compared :func:`_plain` (no whitespace, commas or ``// new name!``
+    marks, lower case), so ``"Ada Lovelace, Emmy Noether"`` on one line finds the same
+    order as one name per line.
+    """
+    plain = _plain(text)
+    positions = {name: plain.find(_plain(name)) for name in names}
+    if any(position < 0 for position in positions.values()):
+        return None
+    return sorted(names, key=positions.__getitem__)
+
+
+def input_order(episode: Episode, turn: int) -> list[str] | None:
+    """The names of ``turn`` in the order the input gave them: what a model that copies would write.
+
+    Turn 0: the order of the prompt's list (``"... by FIRST name: B, A"``). A later turn:
+    the previous turn's expected list, then the new names in the order of that turn's
+    prompt. ``None`` when the prompt has no such list.
+    """
+    listed = _PROMPT_LIST.search(episode.user_turns[turn])
+    if listed is None:
+        return None
+    shown = listed.group(1).split(", ")
+    if turn == 0:
+        return shown
+    return [line.removesuffix(NEW_MARK) for line in episode.answer[turn - 1]] + shown

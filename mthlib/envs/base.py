@@ -19,20 +19,25 @@ class Episode:
         answer: Whatever the environment needs to score the replies (the expected output).
         system_prompt: Optional system message placed before the first user turn.
         info: Free-form metadata (for logging and inspection only).
+        history: Messages placed between the system prompt and the first user turn, e.g. the
+            few-shot user/assistant pairs of a conversational dataset prompt (each a
+            ``{"role": ..., "content": ...}`` dict); empty for a prompt of user turns only.
     """
 
     user_turns: tuple[str, ...]
     answer: Any
     system_prompt: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    history: tuple[dict[str, str], ...] = ()
 
     @property
     def num_turns(self) -> int:
         return len(self.user_turns)
 
     def messages(self, replies: list[str] | tuple[str, ...] = ()) -> list[dict[str, str]]:
-        """Chat messages of the conversation so far: every user turn answered by ``replies``, then the next user turn."""
+        """Chat so far: system prompt, :attr:`history`, user turns answered by ``replies``, the next user turn."""
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        messages += [dict(message) for message in self.history]
         for turn, user in enumerate(self.user_turns[: len(replies) + 1]):
             messages.append({"role": "user", "content": user})
             if turn < len(replies):
@@ -81,3 +86,11 @@ class Environment(abc.ABC):
     def episodes(self, seed: int, count: int, start: int = 0) -> list[Episode]:
         """``count`` consecutive episodes of stream ``seed`` starting at ``start``."""
         return [self.episode(seed, i) for i in range(start, start + count)]
+
+    def evaluation_episodes(self, seed: int, count: int) -> list[Episode]:
+        """The fixed evaluation set: by default the first ``count`` episodes of stream ``seed``.
+
+        An environment with held-out prompts of its own (e.g. a dataset's test split) returns
+        those instead, so evaluation never scores prompts the model trained on.
+        """
+        return self.episodes(seed, count)

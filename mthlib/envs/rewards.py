@@ -5,7 +5,8 @@ The alphabet-sort helpers reproduce the scoring of Kalomaze's Alphabetsort envir
 "Environments" states the rules they implement.
 
 A reward used by :class:`~mthlib.envs.JsonlEnv` is any function ``(reply, answer) -> float``;
-:func:`resolve_reward` turns a name from a config file into such a function.
+:func:`resolve_reward` turns a name from a config file into such a function. A reward of
+:class:`~mthlib.envs.DatasetEnv` is a TRL-style function found by :func:`import_callable`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import difflib
 import importlib
 import re
 from collections.abc import Callable, Sequence
+from typing import Any
 
 RewardFn = Callable[[str, str], float]
 
@@ -113,7 +115,23 @@ def resolve_reward(name: str) -> RewardFn:
     """
     if name in BUILTIN_REWARDS:
         return BUILTIN_REWARDS[name]
-    allowed = f"one of {sorted(BUILTIN_REWARDS)} or an import path 'package.module:function'"
+    return import_callable(name, f"one of {sorted(BUILTIN_REWARDS)} or an import path 'package.module:function'")
+
+
+def import_callable(name: str, allowed: str) -> Callable[..., Any]:
+    """The callable at the import path ``name`` (``package.module:function`` or ``package.module.function``).
+
+    Shared by every option that names a user's reward function in a config file, so they
+    all read and report import paths the same way.
+
+    Args:
+        name: The import path.
+        allowed: What the option accepts, quoted after "expected" in every error.
+
+    Raises:
+        ValueError: ``name`` is not an import path, its module does not import, or the
+            module has no callable of that name.
+    """
     module_name, sep, attr = name.partition(":") if ":" in name else name.rpartition(".")
     if not sep or not module_name or not attr:
         raise ValueError(f"unknown reward {name!r}: expected {allowed}")

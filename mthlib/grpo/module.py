@@ -41,7 +41,8 @@ class GRPOModule(pl.LightningModule):
 
     Args:
         model_name_or_path: ``"embedded"`` (SmolLM2-135M-Instruct shipped with mthlib's
-            dependencies) or a local Hugging Face folder.
+            dependencies), a local Hugging Face folder, or a Hub id (the HF cache and
+            ``HF_HUB_OFFLINE`` apply).
         dtype: Parameter dtype of the policy.
         mask: The mask strategy choosing the trainable subnetwork (a registered short name
             such as ``fisher``, or a ``class_path``); ``None`` trains every parameter.

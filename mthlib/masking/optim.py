@@ -3,7 +3,15 @@
 Memory: the gradients come from the state's :class:`~mthlib.masking.gradients.ActiveGradients`
 (``k`` fp32 values per trained parameter; dense gradients are freed as they appear), and the
 optimizer state is two fp32 vectors of ``k`` values (``exp_avg``, ``exp_avg_sq``) and a step
-counter per parameter.
+counter per parameter; a bf16 or fp16 parameter adds a third, its fp32 master values.
+
+Low precision: written straight into a bf16 weight, an update smaller than half a bf16
+ulp of the weight (most updates at learning rates around 1e-6) rounds away, and the run
+"trains" without changing anything. For a bf16/fp16 parameter the optimizer therefore
+keeps fp32 *master* values of the active entries only (``master``: 4 bytes per trained
+entry, ~5 MB for 1% of a 135M model), updates those, and writes their rounded value
+into the weight after each step, as mixed-precision training keeps fp32 master
+weights, but for the trained entries alone.
 
 Exactness: the update is :class:`torch.optim.AdamW`'s (decoupled weight decay
 ``p -= lr * wd * p``, bias-corrected moments, ``eps`` added to ``sqrt(v_hat)``) applied
@@ -31,9 +39,11 @@ class SparseAdamW(torch.optim.Optimizer):
     """AdamW over the active entries of an attached :class:`~mthlib.masking.SparseState`; everything else stays frozen.
 
     One parameter group holds the parameters with active entries, so learning-rate
-    schedulers work on ``param_groups[0]["lr"]``. Parameters may be fp32 or bf16; state
-    and gradient buffers are fp32, and updates are computed in fp32 then rounded to the
-    parameter dtype.
+    schedulers work on ``param_groups[0]["lr"]``. Parameters may be fp32, bf16 or fp16;
+    state and gradient buffers are fp32. A low-precision parameter's active entries are
+    updated in fp32 master values (taken from the weight when the optimizer is built or
+    an entry joins the mask) and the weight receives their rounded value, so small
+    updates accumulate instead of rounding away.
 
     Gradient clipping must go through :meth:`clip_grad_norm_` (dense ``.grad`` is always
     ``None``), and gradient accumulation works by calling ``backward`` several times
@@ -78,7 +88,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self._names = names
         self._last_grads: dict[str, torch.Tensor] = {}
         for name in names:
-            self.state[params[name]] = _zero_state(sparse_state.masks.count(name), params[name].device)
+            self.state[params[name]] = _new_state(params[name], sparse_state.masks[name])
 
     @property
     def masks(self) -> Masks:
@@ -88,8 +98,9 @@ class SparseAdamW(torch.optim.Optimizer):
     def remap(self, old: Masks) -> None:
         """Follow the state's new masks after :meth:`SparseState.replace_masks` replaced ``old``.
 
-        Entries kept keep their moments; grown entries start with zero moments; dropped
-        entries lose theirs. A parameter's step counter (bias correction) carries on.
+        Entries kept keep their moments (and master values); grown entries start with zero
+        moments (and the weight's current value); dropped entries lose theirs. A
+        parameter's step counter (bias correction) carries on.
         """
         new, params = self.masks, self.sparse_state.parameters
         names = _active_names(new)
@@ -99,11 +110,16 @@ class SparseAdamW(torch.optim.Optimizer):
         for name in names:
             param = params[name]
             if name not in self._names or not old.count(name):
-                self.state[param] = _zero_state(new.count(name), param.device)
+                self.state[param] = _new_state(param, new[name])
                 continue
             state = self.state[param]
+            old_idx, new_idx = old[name].to(param.device), new[name].to(param.device)
             for key in _STATE_KEYS:
-                state[key] = remap_values(state[key], old[name].to(param.device), new[name].to(param.device))
+                state[key] = remap_values(state[key], old_idx, new_idx)
+            if "master" in state:
+                kept = torch.isin(new_idx, old_idx)
+                current = param.detach().view(-1).index_select(0, new_idx).float()
+                state["master"] = torch.where(kept, remap_values(state["master"], old_idx, new_idx), current)
         self._names[:] = names
         self.param_groups[0]["params"] = [params[name] for name in names]
         self._last_grads.clear()
@@ -152,7 +168,7 @@ class SparseAdamW(torch.optim.Optimizer):
             step = float(state["step"])
             idx = self.masks[name].to(param.device)
             flat = param.view(-1)
-            weight = flat.index_select(0, idx).float()
+            weight = state["master"] if "master" in state else flat.index_select(0, idx).float()
             if wd != 0:
                 weight.mul_(1 - lr * wd)
             state["exp_avg"].lerp_(grad, 1 - beta1)
@@ -184,7 +200,10 @@ class SparseAdamW(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; the moments stay fp32 whatever the parameter dtype.
+        """Restore a :meth:`state_dict`; moments and master values stay fp32 whatever the parameter dtype.
+
+        A state saved without master values (from fp32 parameters) takes them from the
+        (already restored) low-precision weights.
 
         Raises:
             ValueError: The state has no masks or was saved for different masks.
@@ -199,11 +218,15 @@ class SparseAdamW(torch.optim.Optimizer):
                 f"optimizer's ({self.masks.total}); build SparseAdamW from the checkpoint's masks"
             )
         super().load_state_dict(state_dict)
-        for position, param in enumerate(self.param_groups[0]["params"]):
-            source = state_dict["state"].get(position, {})
-            for key in _STATE_KEYS:
+        for position, (name, param) in enumerate(zip(self._names, self.param_groups[0]["params"])):
+            source, state = state_dict["state"].get(position, {}), self.state[param]
+            for key in (*_STATE_KEYS, "master"):
                 if key in source:
-                    self.state[param][key] = source[key].to(device=param.device, dtype=torch.float32, copy=True)
+                    state[key] = source[key].to(device=param.device, dtype=torch.float32, copy=True)
+            if param.dtype == torch.float32:
+                state.pop("master", None)
+            elif "master" not in source:
+                state["master"] = _new_state(param, self.masks[name])["master"]
 
 
 def masks_digest(masks: Masks) -> str:
@@ -219,9 +242,14 @@ def _active_names(masks: Masks) -> list[str]:
     return [name for name in masks if masks.count(name)]
 
 
-def _zero_state(k: int, device: torch.device) -> dict[str, torch.Tensor]:
-    return {
+def _new_state(param: torch.Tensor, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Fresh state for ``param``'s active ``indices``: zero moments, and fp32 master values unless it is fp32."""
+    k, device = indices.numel(), param.device
+    state = {
         "step": torch.tensor(0.0),
         "exp_avg": torch.zeros(k, dtype=torch.float32, device=device),
         "exp_avg_sq": torch.zeros(k, dtype=torch.float32, device=device),
     }
+    if param.dtype != torch.float32:
+        state["master"] = param.detach().view(-1).index_select(0, indices.to(device)).float()
+    return state

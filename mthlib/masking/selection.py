@@ -81,15 +81,29 @@ def kth_largest(values: torch.Tensor, k: int, sample_size: int = 1 << 20) -> tor
     times the scores' memory: 1.5 GiB for a 134M-parameter model). Instead a fixed-seed
     random sample gives a lower bound that about ``2k`` entries exceed, and only the
     entries at or above it are ranked; an unlucky bound is lowered until enough pass.
+
+    Entries at ``-inf`` (excluded, or pruned by an iterative strategy) are never ranked:
+    when fewer than ``k`` entries are finite the answer is ``-inf``, and otherwise the
+    sample and the bound come from the finite entries only, so a vector that is mostly
+    ``-inf`` costs its finite part, not a ranking of everything.
     """
     n = values.numel()
-    if n <= 4 * sample_size:
-        return torch.kthvalue(values, n - k + 1).values
+    finite = values > -math.inf
+    count = int(torch.count_nonzero(finite))
+    if k > count:
+        return torch.tensor(-math.inf, dtype=values.dtype, device=values.device)
+    if count <= 4 * sample_size:
+        candidates = values if count == n else values[finite]
+        return torch.kthvalue(candidates, count - k + 1).values
     generator = torch.Generator(device=values.device).manual_seed(0)
     sample = values[torch.randint(n, (sample_size,), generator=generator, device=values.device)]
-    level = 1.0 - min(1.0, 2.0 * k / n + 1e-3)
+    sample = sample[sample > -math.inf]
+    level = 1.0 - min(1.0, 2.0 * k / count + 1e-3)
     while True:
-        bound = torch.quantile(sample, level, interpolation="lower") if level > 0 else values.min()
+        if level > 0 and sample.numel():
+            bound = torch.quantile(sample, level, interpolation="lower")
+        else:
+            bound = values[finite].min()
         above = values[values >= bound]
         if above.numel() >= k:
             return torch.kthvalue(above, above.numel() - k + 1).values

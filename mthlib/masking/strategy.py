@@ -126,6 +126,18 @@ class MaskStrategy(abc.ABC):
         self.exclude_mask = exclude_mask
         self._exclusion: Masks | None = None
 
+    def use_calibration(self, num_samples: int, needed: bool = True) -> None:
+        """Declare the calibration this strategy's :meth:`compute` wants: ``num_samples`` sequences.
+
+        The one check every calibrating strategy shares (``num_samples >= 1``, one line
+        otherwise). ``needed=False`` keeps the option but asks for no batches (a strategy
+        whose chosen score needs no data, such as ``nm`` with ``score: magnitude``).
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1 (calibration sequences); got {num_samples}")
+        self.num_samples = num_samples
+        self.needs_calibration = needed
+
     # -- what a strategy implements ---------------------------------------------------------
     @abc.abstractmethod
     def compute(self, model: nn.Module, batches: Iterable[Batch] | None) -> Masks:

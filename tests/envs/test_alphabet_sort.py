@@ -7,7 +7,7 @@ import re
 import pytest
 
 from mthlib.envs import AlphabetSort, Episode
-from mthlib.envs.alphabet_sort import NAMES_FILE, load_names, sort_names, split_name
+from mthlib.envs.alphabet_sort import NAMES_FILE, input_order, load_names, sort_names, split_name
 
 T1, T2 = "alphabetical_sorted", "combined_alphabetical_sorted"
 PROMPT_1 = re.compile(
@@ -177,7 +177,12 @@ def test_reference_replies_score_one_and_every_metric_is_perfect():
         replies = env.reference(episode)
         assert len(replies) == episode.num_turns
         assert replies[0].startswith(f"<{T1}>\n") and all(r.startswith(f"<{T2}>\n") for r in replies[1:])
-        assert env.score(episode, replies) == {"reward": 1.0, "format": 1.0, "similarity": 1.0, "accuracy": 1.0}
+        score = env.score(episode, replies)
+        assert {key: score.pop(key) for key in ("reward", "format", "similarity", "accuracy", "order", "one_per_line")} \
+            == {"reward": 1.0, "format": 1.0, "similarity": 1.0, "accuracy": 1.0, "order": 1.0, "one_per_line": 1.0}
+        already_sorted = [input_order(episode, t) == [n.removesuffix(" // new name!") for n in episode.answer[t]]
+                          for t in range(episode.num_turns)]
+        assert score == {"copy": sum(already_sorted) / episode.num_turns}  # a sorted answer "copies" a sorted input
 
 
 def test_score_partial_answers_per_turn_and_power_modes():
@@ -200,24 +205,25 @@ def test_missing_turns_count_as_zero_in_the_mean():
     episode = two_turn_episode()
     perfect = AlphabetSort().reference(episode)
     assert AlphabetSort().score(episode, perfect[:1]) == {"reward": 0.5, "format": 0.5, "similarity": 1.0,
-                                                          "accuracy": 0.0}
+                                                          "accuracy": 0.0, "order": 0.5, "copy": 0.0,
+                                                          "one_per_line": 0.5}
     assert AlphabetSort(power_per_turn=False, power=2.0).score(episode, perfect[:1])["reward"] == 0.25
-    assert AlphabetSort().score(episode, []) == {"reward": 0.0, "format": 0.0, "similarity": 0.0, "accuracy": 0.0}
+    assert AlphabetSort().score(episode, []) == dict.fromkeys(AlphabetSort.metrics, 0.0)
     assert AlphabetSort().score(episode, perfect + ["extra reply"])["reward"] == 1.0
 
 
 def test_turn_tags_are_per_turn():
     episode = two_turn_episode()
     swapped = [block(episode.answer[0], T2), block(episode.answer[1], T1)]
-    assert AlphabetSort().score(episode, swapped) == {"reward": 0.0, "format": 0.0, "similarity": 0.0,
-                                                      "accuracy": 0.0}
+    assert AlphabetSort().score(episode, swapped) == dict.fromkeys(AlphabetSort.metrics, 0.0)
 
 
 def test_repeated_or_worsening_attempts_zero_the_turn_but_count_for_format():
     episode = two_turn_episode()
     good1, good2 = AlphabetSort().reference(episode)
     metrics = AlphabetSort().score(episode, [good1 + good1, good2])
-    assert metrics == {"reward": 0.5, "format": 1.0, "similarity": 0.5, "accuracy": 0.0}
+    assert metrics == {"reward": 0.5, "format": 1.0, "similarity": 0.5, "accuracy": 0.0, "order": 1.0, "copy": 0.0,
+                       "one_per_line": 1.0}
     worse = good2 + block(["AnnZed"], T2)
     assert AlphabetSort().score(episode, [good1, worse])["reward"] == 0.5
     better = block(["AnnZed"], T2) + "\nOops, again:\n" + good2
@@ -231,7 +237,8 @@ def test_unclosed_and_wrong_case_tags_score_zero():
     wrong_case = good1.replace(T1, T1.upper())
     for bad in (unclosed, wrong_case):
         assert AlphabetSort().score(episode, [bad, good2]) == {"reward": 0.5, "format": 0.5, "similarity": 1.0,
-                                                              "accuracy": 0.0}
+                                                              "accuracy": 0.0, "order": 0.5, "copy": 0.0,
+                                                              "one_per_line": 0.5}
 
 
 def test_long_answer_reward_uses_autojunk():
@@ -311,3 +318,43 @@ def test_format_bonus_adds_to_the_reward_per_tagged_turn_and_defaults_to_the_ori
     base = plain.score(episode, replies)
     assert base["reward"] == 0.5 and base["format"] == 0.5
     assert bonus.score(episode, replies)["reward"] == 0.5 + 0.2 * 0.5
+
+
+def test_layout_free_metrics_tell_sorting_from_copying():
+    episode = Episode(
+        user_turns=("Sort these names in alphabetical order by FIRST name: CarlXu, AnnZed, BobYork\n\nUse ...",
+                    "Now sort ALL of these names alphabetically by FIRST name: EveVo, DanWu\n\nThese are ..."),
+        answer=(("AnnZed", "BobYork", "CarlXu"),
+                ("AnnZed", "BobYork", "CarlXu", "DanWu // new name!", "EveVo // new name!")),
+    )
+    env = AlphabetSort()
+
+    def metrics(first: str, second: str) -> tuple[float, float, float]:
+        score = env.score(episode, [f"<{T1}>{first}</{T1}>", f"<{T2}>{second}</{T2}>"])
+        return score["order"], score["copy"], score["one_per_line"]
+
+    sorted_lines = env.reference(episode)
+    assert env.score(episode, sorted_lines)["order"] == env.score(episode, sorted_lines)["one_per_line"] == 1.0
+    assert env.score(episode, sorted_lines)["copy"] == 0.0
+    # the quickstart's failure: the input copied into the tags on one line
+    assert metrics("CarlXu, AnnZed, BobYork", "AnnZed BobYork CarlXu EveVo DanWu") == (0.0, 1.0, 0.0)
+    # sorted on one line, spaces inside names and lower case: right order, wrong layout
+    assert metrics("ann zed, bob york, carl xu", "annzed, bobyork, carlxu, danwu // new name!, evevo") == (1.0, 0.0, 0.0)
+    # one name per line, in the input's order, new marks kept: layout right, order copied
+    assert metrics("\nCarlXu\nAnnZed\nBobYork\n", "\nAnnZed\nBobYork\nCarlXu\nEveVo // new name!\nDanWu\n") == (0.0, 1.0, 1.0)
+    # a missing name, or an extra line, fails every check of its turn
+    assert metrics("AnnZed\nBobYork", "AnnZed\nBobYork\nCarlXu\nDanWu\nEveVo\nZoe") == (0.5, 0.0, 0.0)
+
+
+def test_layout_free_metrics_on_sampled_episodes_follow_the_prompts():
+    env = AlphabetSort(min_turns=1, max_turns=3, min_names_per_turn=2, max_names_per_turn=4)
+    copied_total = 0
+    for episode in env.episodes(seed=3, count=40):
+        perfect = env.reference(episode)
+        assert env.score(episode, perfect)["order"] == 1.0 and env.score(episode, perfect)["one_per_line"] == 1.0
+        first = PROMPT_1.match(episode.user_turns[0]).group(2).split(", ")
+        copied = env.score(episode, [block(first, T1)])
+        assert copied["copy"] == 1 / episode.num_turns  # turn 1 copies its prompt; the others are missing
+        assert copied["order"] == (first == list(episode.answer[0])) / episode.num_turns
+        copied_total += copied["order"] == 0
+    assert copied_total > 20  # most prompts are not already sorted

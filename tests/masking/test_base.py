@@ -12,7 +12,7 @@ from jsonargparse import ArgumentParser
 from torch import nn
 
 from mthlib.masking import Masks, MaskStrategy, parameter_kinds
-from mthlib.masking.selection import kth_largest
+from mthlib.masking.selection import kth_largest, select_top
 
 
 class ScoreByWeight(MaskStrategy):
@@ -373,3 +373,25 @@ def test_kth_largest_equals_kthvalue_with_ties_and_excluded_entries(k):
     values[::7] = 0.25  # many ties
     values[:500] = -math.inf  # excluded entries
     assert torch.equal(kth_largest(values, k, sample_size=1_000), torch.kthvalue(values, values.numel() - k + 1).values)
+
+
+@pytest.mark.parametrize("k", [1, 300, 999, 1_000, 1_001, 50_000])
+def test_kth_largest_ranks_only_finite_entries_when_most_are_minus_inf(k, monkeypatch):
+    values = torch.full((200_000,), -math.inf)
+    finite = torch.randperm(values.numel(), generator=torch.Generator().manual_seed(1))[:1_000]
+    values[finite] = torch.randn(1_000, generator=torch.Generator().manual_seed(2))
+    expected = torch.kthvalue(values, values.numel() - k + 1).values
+    ranked = []
+    kthvalue = torch.kthvalue
+    monkeypatch.setattr(torch, "kthvalue", lambda v, *a, **kw: ranked.append(v.numel()) or kthvalue(v, *a, **kw))
+    assert torch.equal(kth_largest(values, k, sample_size=100), expected)
+    assert all(size <= 1_000 for size in ranked)  # never the 199,000 entries at -inf
+
+
+def test_select_top_over_mostly_minus_inf_scores_keeps_the_finite_best():
+    scores = {"a": torch.full((300, 400), -math.inf), "b": torch.full((500,), -math.inf)}
+    scores["a"].view(-1)[torch.arange(0, 120_000, 97)] = torch.arange(1_238, dtype=torch.float32)
+    scores["b"][[3, 4]] = torch.tensor([5_000.0, 0.5])
+    chosen = select_top(scores, 10, excluded={})
+    assert chosen["b"].tolist() == [3]
+    assert chosen["a"].tolist() == [97 * i for i in range(1_229, 1_238)]

@@ -322,3 +322,70 @@ def test_sparse_gradients_are_read_directly_or_densified():
     embedding(torch.tensor([1, 1, 0])).sum().backward()  # uncoalesced sparse gradient: rows 1, 1, 0
     assert opt.sparse_grads["embedding.weight"].tolist() == [1.0, 2.0, 2.0]
     assert weight.grad is None and embedding.weight.grad is None
+
+
+def _low_lr_run(model: torch.nn.Module, masks: Masks, keep_master: bool = True) -> SparseAdamW:
+    optimizer = SparseAdamW(attached(model, masks), lr=1e-6, weight_decay=0.0)
+    if not keep_master:  # the straight write: each update rounded into the bf16 weight on its own
+        for state in optimizer.state.values():
+            state.pop("master")
+    for step in range(50):
+        model(**batch(step % 4)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer
+
+
+def test_bf16_master_values_learn_at_small_learning_rates_where_straight_writes_round_away():
+    start = make_tiny_lm(seed=0).to(torch.bfloat16)
+    masks = random_masks(start, density=0.2)
+    reference = copy.deepcopy(start).float()  # the same starting values, trained in fp32
+    master, straight = copy.deepcopy(start), copy.deepcopy(start)
+    _low_lr_run(reference, masks)
+    optimizer = _low_lr_run(master, masks)
+    _low_lr_run(straight, masks, keep_master=False)
+    assert all(state["master"].dtype == torch.float32 for state in optimizer.state.values())
+    moved = same_as_fp32 = moved_straight = total = 0
+    for (name, before), after, fp32, flat in zip(start.named_parameters(), master.parameters(),
+                                                 reference.parameters(), straight.parameters()):
+        keep = dense_mask(masks, name, before) if name in masks else torch.zeros_like(before, dtype=torch.bool)
+        assert torch.equal(after[~keep], before[~keep]) and torch.equal(flat[~keep], before[~keep]), name
+        total += int(keep.sum())
+        moved += int((after[keep] != before[keep]).sum())
+        moved_straight += int((flat[keep] != before[keep]).sum())
+        same_as_fp32 += int((after[keep] == fp32[keep].to(torch.bfloat16)).sum())
+    assert moved >= 0.2 * total  # the accumulated updates cross rounding boundaries (measured: 31%)
+    assert moved_straight <= 0.1 * moved  # one update is below half an ulp of all but the tiniest weights (2%)
+    assert same_as_fp32 >= 0.97 * total  # the bf16 weights are the fp32 run's, rounded
+
+
+def test_bf16_master_values_survive_state_dict_and_follow_mask_changes(tiny_lm):
+    model = tiny_lm.to(torch.bfloat16)
+    masks = random_masks(model)
+    optimizer = SparseAdamW(attached(model, masks), lr=1e-3, weight_decay=0.0)
+    _train(model, optimizer, 2)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    param = dict(model.named_parameters())[name]
+    state = optimizer.state[param]
+    assert torch.equal(state["master"].to(torch.bfloat16), param.detach().view(-1)[masks[name]])
+    saved = optimizer.state_dict()
+    fresh = SparseAdamW(optimizer.sparse_state, lr=1e-3, weight_decay=0.0)
+    fresh.load_state_dict(saved)
+    assert fresh.state[param]["master"].dtype == torch.float32
+    assert torch.equal(fresh.state[param]["master"], state["master"])
+    from_fp32 = copy.deepcopy(saved)  # a state saved from fp32 parameters has no master values
+    del from_fp32["state"][fresh._names.index(name)]["master"]
+    fresh.load_state_dict(from_fp32)
+    assert torch.equal(fresh.state[param]["master"], param.detach().view(-1)[masks[name]].float())
+
+    old = masks[name]
+    grown = torch.tensor([i for i in range(param.numel()) if i not in set(old.tolist())][:2])
+    indices = {n: masks[n] for n in masks}
+    indices[name] = torch.sort(torch.cat([old[1:], grown])).values
+    new = Masks(indices, masks.shapes)
+    before = dict(zip(old.tolist(), state["master"].tolist()))
+    optimizer.sparse_state.replace_masks(new, step=2)
+    optimizer.remap(masks)
+    after = dict(zip(indices[name].tolist(), optimizer.state[param]["master"].tolist()))
+    assert all(after[i] == before[i] for i in old[1:].tolist())  # kept entries keep their fp32 values
+    assert all(after[i] == float(param.detach().view(-1)[i]) for i in grown.tolist())  # grown ones start at the weight

@@ -187,8 +187,8 @@ def test_runs_on_a_tiny_chat_lm_with_environment_batches():
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"candidates": 0}, "candidates must be >= 1"),
-    ({"steps": 0}, "steps and num_samples must be >= 1"),
-    ({"num_samples": 0}, "steps and num_samples must be >= 1"),
+    ({"steps": 0}, "steps must be >= 1"),
+    ({"num_samples": 0}, "num_samples must be >= 1"),
     ({"gate_lr": 0.0}, "gate_lr and update_lr must be > 0"),
     ({"update_lr": -1.0}, "gate_lr and update_lr must be > 0"),
     ({"penalty": -0.1}, "penalty must be >= 0"),

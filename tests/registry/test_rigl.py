@@ -121,8 +121,10 @@ def test_initial_masks(tiny_lm):
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="drop_fraction must be in"):
         RigL(drop_fraction=1.5)
-    with pytest.raises(ValueError, match="update_every, total_steps and num_samples must be >= 1"):
+    with pytest.raises(ValueError, match="update_every and total_steps must be >= 1"):
         RigL(total_steps=0)
+    with pytest.raises(ValueError, match=r"num_samples must be >= 1 \(calibration sequences\); got 0"):
+        RigL(num_samples=0)
     with pytest.raises(ValueError, match="init must be"):
         RigL(init="snip")
 
