@@ -158,7 +158,10 @@ def run_sweep(path: str | Path, only: str | None = None) -> dict[str, Any]:
     record_path = sweep.out / RECORD
     record = json.loads(record_path.read_text()) if record_path.is_file() else {"runs": {}}
     for run in runs:
-        args = _with_calibrated_mask(run.fit_args(sweep.configs), sweep.out)
+        own = run.fit_args(sweep.configs)
+        calibrated = _calibrated_mask(own, sweep.out)
+        args = own if calibrated is None else [*own, "--config", json.dumps(
+            {"model": {"mask": {"class_path": "file", "init_args": {"path": str(calibrated[0])}}}})]
         done = record["runs"].get(run.name)
         if done is not None:
             if done["args"] != args:
@@ -166,6 +169,8 @@ def run_sweep(path: str | Path, only: str | None = None) -> dict[str, Any]:
                                  "a changed sweep needs a new out folder")
             print(f"sweep: {run.name}: finished, skipped")
             continue
+        if calibrated is not None and not calibrated[0].is_file():
+            _build_mask(own, *calibrated)
         folder = sweep.out / run.name
         resume = any(folder.glob("*/checkpoints/*.ckpt"))
         print(f"sweep: {run.name}: {'resuming' if resume else 'training'}")
@@ -179,23 +184,29 @@ def run_sweep(path: str | Path, only: str | None = None) -> dict[str, Any]:
     return record
 
 
-def _with_calibrated_mask(args: list[str], out: Path) -> list[str]:
-    """``args``, plus a final layer training a mask file when the run's mask needs calibration (built once)."""
+def _calibrated_mask(args: list[str], out: Path) -> tuple[Path, dict[str, Any]] | None:
+    """Where the mask of ``args`` is kept when it needs calibration, and the setting it depends on; else ``None``.
+
+    The file is named by a digest of the setting, so every run with the same setting trains
+    the same file; nothing is built here (:func:`_build_mask` does, before a run that needs it).
+    """
     config = _parsed(args)
     mask = config["model"].get("mask")
     if not mask or not _strategy(mask).needs_calibration:
-        return args
+        return None
     setting = {"mask": mask, "model": config["model"]["model_name_or_path"], "dtype": config["model"]["dtype"],
                "env": config["data"]["env"], "calibration_batch_size": config["model"]["calibration_batch_size"]}
     digest = hashlib.sha256(json.dumps(setting, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    path = out / "masks" / f"{digest}.safetensors"
-    if not path.is_file():
-        from mthlib.tools import write_config_mask
+    return out / "masks" / f"{digest}.safetensors", setting
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path.with_suffix(".json"), json.dumps(setting, indent=2, default=str) + "\n")
-        write_config_mask(args, str(path))
-    return [*args, "--config", json.dumps({"model": {"mask": {"class_path": "file", "init_args": {"path": str(path)}}}})]
+
+def _build_mask(args: list[str], path: Path, setting: dict[str, Any]) -> None:
+    """Compute the mask ``args`` would train into ``path``, as ``mth masks build`` does, with its setting beside it."""
+    from mthlib.tools import write_config_mask
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path.with_suffix(".json"), json.dumps(setting, indent=2, default=str) + "\n")
+    write_config_mask(args, str(path))
 
 
 def _parsed(args: list[str]) -> dict[str, Any]:

@@ -106,6 +106,9 @@ def test_a_sweep_trains_each_point_builds_a_calibrated_mask_once_and_skips_finis
     main(["sweep", "--config", str(path)])
     assert files(out) == before  # nothing trained or rewritten
     assert capsys.readouterr().out.count("finished, skipped") == 2
+    built[0].unlink()  # a finished run never rebuilds its mask just to be skipped
+    main(["sweep", "--config", str(path)])
+    assert not built[0].exists() and capsys.readouterr().out.count("finished, skipped") == 2
     main(["sweep", "--config", str(path), "--list_runs", "true"])
     assert capsys.readouterr().out.split() == ["learning_rate=0.01", "learning_rate=0.05"]
 

@@ -49,16 +49,12 @@ Some pages state what their commands leave behind; ``CLAIMS`` checks those files
 
 from __future__ import annotations
 
-import csv
-import json
-import math
 import os
-import re
 import shutil
 import subprocess
 import sysconfig
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,6 +62,7 @@ import yaml
 
 from tests.doc_blocks import (BASH, COMMAND, ROOT, Block, collect_pages, config_blocks, markdown_blocks, rst_blocks,
                               shown_as)
+from tests.doc_claims import CLAIMS
 from tests.mth_server import BIN, clients
 
 REAL_MTH = os.environ.get("MTH_DOCS_REAL_MTH") == "1"
@@ -261,61 +258,6 @@ def disagreement(got: object, value: object, path: tuple[str, ...] = ()) -> str 
         return None
     same = got == value or (path[-1:] == ("class_path",) and str(got).endswith(f".{value}"))
     return None if same else f"{where} is {value!r} in the block, {got!r} once parsed"
-
-
-# --- what pages say their commands leave behind ------------------------------------------------------
-
-def _run_folder_files(folder: Path, output: str) -> None:
-    run = folder / "runs" / "quickstart" / "version_0"
-    for name in ("config.yaml", "hparams.yaml", "metrics.csv", "checkpoints/last.ckpt", "deltas/last.safetensors"):
-        assert (run / name).is_file(), f"the quickstart page lists {name} in the run folder"
-    assert (folder / "runs" / "quickstart" / "version_1").is_dir(), "a second run of the config is version_1"
-
-
-def _strategy_listed(folder: Path, output: str) -> None:
-    assert re.search(r"^row_norm\s+Train the rows", output, re.MULTILINE), "mth masks list does not show row_norm"
-    assert (folder / "runs" / "quickstart" / "version_2" / "deltas" / "last.safetensors").is_file()
-
-
-def _reports_written(folder: Path, output: str) -> None:
-    for name in ("full/sparsity.md", "full/sparsity.json", "overlap/overlap.json", "random99/consecutive.json"):
-        assert (folder / "reports" / name).is_file(), f"reports/{name} is missing"
-    assert len(list((folder / "masks").glob("*.safetensors"))) == 4
-
-
-def _exports_load_with_transformers(folder: Path, output: str) -> None:
-    from transformers import AutoModelForCausalLM
-
-    for name in ("exported", "merged", "runs/sequential/task2_model"):
-        assert AutoModelForCausalLM.from_pretrained(folder / name).num_parameters() > 0, name
-
-
-def _dataset_rewards_logged(folder: Path, output: str) -> None:
-    rows = list(csv.DictReader((folder / "runs" / "quickstart" / "version_0" / "metrics.csv").open()))
-    val = [row for row in rows if row.get("val/reward")]
-    assert val, "the environments page says the run logs val/reward"
-    for key in ("val/reward", "val/correct", "val/brief"):
-        assert math.isfinite(float(val[-1][key])), f"the environments page says the run logs {key}"
-    assert {"rewards/correct", "rewards/brief"} <= set(rows[0]), "the environments page lists rewards/<name>"
-
-
-def _sweep_reported(folder: Path, output: str) -> None:
-    report = folder / "reports" / "lr_sweep"
-    for name in ("report.md", "report.html", "reward_vs_lr.png", "curves_1.png", "curves_2.png", "jaccard.png"):
-        assert (report / name).is_file(), f"the sweeps page says mth report writes {name}"
-    groups = json.loads((report / "report.json").read_text())["groups"]
-    assert [(group["learning_rate"], len(group["runs"])) for group in groups] == [(1e-4, 2), (1e-3, 2)], (
-        "the sweeps page says two seeds of a learning rate are one group")
-
-
-CLAIMS: dict[str, Callable[[Path, str], None]] = {
-    "docs/environments.rst": _dataset_rewards_logged,
-    "docs/quickstart.rst": _run_folder_files,
-    "docs/tutorials/custom_strategy.rst": _strategy_listed,
-    "docs/tutorials/measuring.rst": _reports_written,
-    "docs/tutorials/checkpoints.rst": _exports_load_with_transformers,
-    "docs/tutorials/sweeps.rst": _sweep_reported,
-}
 
 
 # --- the tests ------------------------------------------------------------------------------------

@@ -20,9 +20,10 @@ from mthlib.grpo.gradients import clip_gradients, synchronise_gradients
 from mthlib.grpo import resume
 from mthlib.grpo.guard import NonFiniteGuard
 from mthlib.grpo.metrics import EvaluationMetrics, step_metrics
+from mthlib.grpo.optimizers import grpo_optimizers
 from mthlib.grpo.objective import GRPOObjective, batch_advantages, batch_normalizer
 from mthlib.grpo.rollout import Rollout, SamplingConfig, generate_rollout, rollout_logprobs, token_logprobs
-from mthlib.masking import MaskCallback, MaskStrategy, SparseAdamW, SparseState
+from mthlib.masking import MaskCallback, MaskStrategy, SparseState
 from mthlib.fingerprint import model_fingerprint
 from mthlib.models import EMBEDDED, enable_activation_checkpointing, load_model
 from mthlib.monitor import StepSamples, watch_callbacks
@@ -204,15 +205,11 @@ class GRPOModule(pl.LightningModule):
             check_masked_strategy(strategy)
 
     def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW with warmup (:func:`~mthlib.grpo.optimizers.grpo_optimizers`); a masked run first computes its mask."""
         h = self.hparams
-        adam = {"lr": h.learning_rate, "betas": tuple(h.adam_betas), "eps": h.adam_epsilon, "weight_decay": h.weight_decay}
-        if self.mask_callback is not None:
-            optimizer = SparseAdamW(self.mask_callback.prepare(self.trainer, self), **adam)
-        else:
-            optimizer = torch.optim.AdamW(self.model.parameters(), **adam)
-        warmup = max(h.warmup_steps, 0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        state = None if self.mask_callback is None else self.mask_callback.prepare(self.trainer, self)
+        return grpo_optimizers(self.model, state, h.learning_rate, h.adam_betas, h.adam_epsilon, h.weight_decay,
+                               h.warmup_steps)
 
     def on_fit_start(self) -> None:
         self.model.train()
