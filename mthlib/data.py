@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mthlib.envs.alphabet_sort import AlphabetSort
 from mthlib.envs.base import Environment, Episode
-from mthlib.grpo.rollout import attention_rows, pad_rows
+from mthlib.grpo.padding import attention_rows, pad_rows
 
 
 class EpisodeStream(IterableDataset):

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy, StrategyRegistry
 
 STRATEGY_NAME = "ddp_sparse"
 
@@ -80,14 +80,27 @@ class SparseDDPStrategy(DDPStrategy):
 def check_masked_strategy(strategy: Strategy) -> None:
     """Refuse a training strategy that cannot train a masked module.
 
+    A masked run trains on one device or under :class:`SparseDDPStrategy`. Sharding strategies
+    (FSDP, ``ModelParallelStrategy``, DeepSpeed) are refused rather than run: the mask, the base
+    values and SparseAdamW's state are indexed by whole parameters, which a sharded parameter is
+    not, so a run would train the wrong entries or none.
+
     Raises:
-        ValueError: Lightning's ``DistributedDataParallel`` strategy (use ``ddp_sparse``).
+        ValueError: Lightning's ``DistributedDataParallel`` strategy (use ``ddp_sparse``) or any
+            other strategy that is neither one device nor ``ddp_sparse``.
     """
-    if isinstance(strategy, DDPStrategy) and not isinstance(strategy, SparseDDPStrategy):
+    if isinstance(strategy, (SingleDeviceStrategy, SparseDDPStrategy)):
+        return
+    name = type(strategy).__name__
+    if isinstance(strategy, DDPStrategy):
         raise ValueError(
-            f"a masked run cannot use {type(strategy).__name__}: DistributedDataParallel all-reduces dense gradients "
+            f"a masked run cannot use {name}: DistributedDataParallel all-reduces dense gradients "
             f"that SparseAdamW frees; use strategy '{STRATEGY_NAME}' (mthlib.distributed.SparseDDPStrategy)"
         )
+    raise ValueError(
+        f"a masked run cannot use {name}: masks, base values and SparseAdamW state are kept per whole parameter, "
+        f"not per shard; use one device or strategy '{STRATEGY_NAME}' (data parallel, every rank holds the model)"
+    )
 
 
 StrategyRegistry.register(

@@ -193,3 +193,19 @@ def test_masked_run_under_pytorch_ddp_is_one_error_line(tiny_model, tmp_path):
         "mth fit: error: a masked run cannot use DDPStrategy: DistributedDataParallel all-reduces dense gradients "
         "that SparseAdamW frees; use strategy 'ddp_sparse' (mthlib.distributed.SparseDDPStrategy)"
     )
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "model_parallel"])
+def test_sharding_strategies_are_refused_for_a_masked_run_in_one_line(strategy):
+    from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+
+    from mthlib.distributed import SparseDDPStrategy, check_masked_strategy
+
+    made = {"fsdp": FSDPStrategy, "model_parallel": ModelParallelStrategy}[strategy]()
+    with pytest.raises(ValueError, match=(
+            rf"^a masked run cannot use {type(made).__name__}: masks, base values and SparseAdamW state are kept per "
+            r"whole parameter, not per shard; use one device or strategy 'ddp_sparse' \(data parallel, every rank "
+            r"holds the model\)$")):
+        check_masked_strategy(made)
+    check_masked_strategy(SparseDDPStrategy())
+    check_masked_strategy(SingleDeviceStrategy(device=torch.device("cpu")))

@@ -89,7 +89,11 @@ def test_site_includes_the_generated_result_tables(built_site: Path) -> None:
 
 
 def test_fragments_show_the_committed_measurements(tmp_path: Path) -> None:
-    curve, results = (path.read_text(encoding="utf-8") for path in generate.write_fragments(DATA, tmp_path))
+    fragments = {path.stem: path.read_text(encoding="utf-8") for path in generate.write_fragments(DATA, tmp_path)}
+    curve, results, skill = fragments["quickstart_curve"], fragments["measuring_results"], fragments["skill_curve"]
+    assert "   * - before training\n     - 0.269\n     - 0.641\n     - 0.437\n     - 0.109\n" in skill
+    assert "   * - after step 45\n     - 0.506\n" in skill and "   * - 41-45\n     - 0.87\n" in skill
+    assert "44 min 18 s wall for\n45 steps and 3 evaluations, peak RSS 11.5 GiB" in skill
     train_rows = (DATA / "quickstart_curve" / "metrics.csv").read_text(encoding="utf-8").count("\n") - 2
     assert curve.count("   * - ") == 1 + train_rows == 13
     for text in ("   * - 1\n     - 0.04\n     - 6%\n     - 0.03\n     - 22.6\n     - 8.7\n",
@@ -125,7 +129,8 @@ def test_fragments_render_the_tools_own_output(tmp_path: Path) -> None:
     write_report(sparsity, data / "measuring_results", "sparsity")
     write_report(rank, data / "measuring_results", "rank")
 
-    curve, results = (path.read_text(encoding="utf-8") for path in generate.write_fragments(data, tmp_path / "out"))
+    fragments = {path.stem: path.read_text(encoding="utf-8") for path in generate.write_fragments(data, tmp_path / "out")}
+    curve, results = fragments["quickstart_curve"], fragments["measuring_results"]
     assert "   * - 3\n     - 0.70\n     - 50%\n     - 0.30\n     - 22.0\n     - 8.0\n" in curve
     assert "reward 0.90, answer tag present\nin 50%, exact sorts 25%" in curve
     assert "1,000 entries" in results and "2 matrices" in results
@@ -230,3 +235,24 @@ def test_tutorial_strategy_registers_and_keeps_exact_whole_rows() -> None:
         capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+def test_skill_page_and_config_state_the_committed_measurements() -> None:
+    """Every figure the skill page and configs/skill.yaml quote is the committed run's."""
+    folder = DATA / "skill_curve"
+    base = [row for row in generate._metric_rows(folder / "base_metrics.csv").values() if "val/reward" in row][-1]
+    evals = [row for _, row in sorted(generate._metric_rows(folder / "metrics.csv").items()) if "val/reward" in row]
+    page = (DOCS / "tutorials" / "skill.rst").read_text(encoding="utf-8")
+    config = (ROOT / "configs" / "skill.yaml").read_text(encoding="utf-8")
+    accuracy = [f"{float(row['val/accuracy']):.1%}" for row in [base, *evals]]
+    assert accuracy == ["10.9%", "17.2%", "23.4%", "25.0%"]
+    assert "from 10.9% of the evaluation prompts before training to 25.0% after" in page
+    assert "(17.2% at step 15, 23.4% at step 30)" in page
+    assert "10.9% (base) -> 17.2% (step 15) -> 23.4% (step 30) -> 25.0% (step 45)" in config
+    assert f"{float(base['val/format']):.1%}" == "64.1%" and "on 64.1% of" in page and "on 64.1% of" in config
+    assert f"{float(evals[-1]['val/similarity']):.3f}" == "0.715" and "reached 0.715" in page
+    assert f"{float(base['val/similarity']):.3f} -> 0.715" in config
+    copy = [f"{float(row['val/copy']):.2f}" for row in (base, evals[-1])]
+    assert copy == ["0.16", "0.81"] and "from 0.16 to 0.81" in page
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert f"from {accuracy[0]} to {accuracy[-1]} of 64 evaluation prompts in 45 steps" in readme

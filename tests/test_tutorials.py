@@ -82,6 +82,7 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 """One thread per process: the tiny model's matrices are too small to share, and two threads on a busy CPU wait on each other."""
 
 INSTALL = "installs packages into the environment, which a test must leave alone (the suite runs inside that install)"
+GPU = "needs GPUs and vLLM; tests/test_weight_sync.py runs the vLLM engine against a fake engine"
 PER_DEVICE = "starts one training process per device; tests/test_distributed.py runs ddp_sparse with two processes"
 PURELIB = Path(sysconfig.get_path("purelib", vars={"base": "", "platbase": ""}).lstrip("/"))
 
@@ -110,6 +111,14 @@ SKIPPED: dict[tuple[str, str], tuple[str, str]] = {
         "needs the optional tensorboard extra, which the test environment does not install", "true"),
     ("docs/tutorials/watching.rst", "tensorboard --logdir runs/tensorboard"): (
         "starts a web server that runs until it is stopped", "true"),
+    ("docs/tutorials/rollouts.rst", 'pip install -e ".[vllm]"'): (INSTALL, "true"),
+    ("docs/tutorials/rollouts.rst", "python bench/rollout_engines.py --prompts 2 --generations 8 --max_new_tokens 48"): (
+        "a benchmark of the real embedded model, run from the repository", "true"),
+    ("docs/tutorials/rollouts.rst", "mth fit --config configs/mth/qwen2.5-0.5b-fisher99.yaml --model.rollout_engine vllm "
+                                    "--trainer.accelerator gpu"): (GPU, "true"),
+    ("docs/tutorials/rollouts.rst", "mth fit --config configs/mth/qwen2.5-0.5b-fisher99.yaml --model.rollout_engine vllm "
+                                    "--trainer.accelerator gpu --trainer.strategy ddp_sparse --trainer.devices 8 "
+                                    "--data.batch_size 1"): (GPU, "true"),
     ("docs/tutorials/custom_strategy.rst", "pip install -e ."): (
         INSTALL + "; the page's package is installed into a folder of the page instead, by the same pip",
         f'pip install --quiet --no-deps --no-build-isolation --no-index --prefix "$PWD/_prefix" . '

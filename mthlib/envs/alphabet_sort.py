@@ -8,6 +8,7 @@ the Hugging Face data set of arXiv authors.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import re
 from pathlib import Path
@@ -96,6 +97,13 @@ class AlphabetSort(Environment):
             shipped with mthlib.
         format_bonus: Added to the reward times ``format``. 0 (the default) is the original's reward
             exactly; a small bonus gives a weak model a learning signal before it can sort.
+        order_bonus: Added to the reward times ``order``: pays for the names in sorted order whatever
+            the layout, so sorting earns more than copying the input. 0 (the default) keeps the
+            original's reward.
+        examples: Solved episodes shown before the task as earlier user/assistant turns (an
+            in-context example of the exact format, one name per line). They are drawn after the
+            task from the same generator, so the task itself is the one drawn with ``examples=0``.
+            0 (the default) is the original's prompt.
     """
 
     metrics = ("reward", "accuracy", "format", "similarity", "order", "copy", "one_per_line")
@@ -110,6 +118,8 @@ class AlphabetSort(Environment):
         power_per_turn: bool = True,
         names_file: str | None = None,
         format_bonus: float = 0.0,
+        order_bonus: float = 0.0,
+        examples: int = 0,
     ) -> None:
         if not 1 <= min_turns <= max_turns:
             raise ValueError(f"need 1 <= min_turns <= max_turns, got min_turns={min_turns}, max_turns={max_turns}")
@@ -120,6 +130,8 @@ class AlphabetSort(Environment):
             )
         if power <= 0:
             raise ValueError(f"power must be > 0, got {power}")
+        if examples < 0:
+            raise ValueError(f"examples must be >= 0, got {examples}")
         self.min_turns = min_turns
         self.max_turns = max_turns
         self.min_names_per_turn = min_names_per_turn
@@ -127,6 +139,8 @@ class AlphabetSort(Environment):
         self.power = power
         self.power_per_turn = power_per_turn
         self.format_bonus = format_bonus
+        self.order_bonus = order_bonus
+        self.examples = examples
         self.names = load_names(names_file if names_file is not None else NAMES_FILE)
         needed = max_turns * max_names_per_turn
         if len(self.names) < needed:
@@ -136,6 +150,16 @@ class AlphabetSort(Environment):
             )
 
     def sample(self, rng: random.Random) -> Episode:
+        """Draw the task (see :meth:`_draw_task`), then :attr:`examples` solved episodes as its history."""
+        episode = self._draw_task(rng)
+        history: list[dict[str, str]] = []
+        for _ in range(self.examples):
+            example = self._draw_task(rng)
+            for user, reply in zip(example.user_turns, self.reference(example)):
+                history += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        return dataclasses.replace(episode, history=tuple(history)) if history else episode
+
+    def _draw_task(self, rng: random.Random) -> Episode:
         """Draw turns, names per turn, sort key, names, then the shuffled prompts and templates."""
         num_turns = rng.randint(self.min_turns, self.max_turns)
         counts = [rng.randint(self.min_names_per_turn, self.max_names_per_turn) for _ in range(num_turns)]
@@ -211,7 +235,7 @@ class AlphabetSort(Environment):
         mean = sum(scores) / num_turns
         reward = mean if self.power_per_turn else mean**self.power
         return {
-            "reward": reward + self.format_bonus * formatted / num_turns,
+            "reward": reward + (self.format_bonus * formatted + self.order_bonus * layout["order"]) / num_turns,
             "format": formatted / num_turns,
             "similarity": sum(raw_scores) / len(raw_scores) if raw_scores else 0.0,
             "accuracy": float(exact == num_turns),

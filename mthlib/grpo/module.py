@@ -22,10 +22,11 @@ from mthlib.grpo.guard import NonFiniteGuard
 from mthlib.grpo.metrics import EvaluationMetrics, step_metrics
 from mthlib.grpo.optimizers import grpo_optimizers
 from mthlib.grpo.objective import GRPOObjective, batch_advantages, batch_normalizer
-from mthlib.grpo.rollout import Rollout, SamplingConfig, generate_rollout, rollout_logprobs, token_logprobs
+from mthlib.grpo.engines import EngineName, SamplingConfig, make_engine
+from mthlib.grpo.rollout import Rollout, generate_rollout, rollout_logprobs, token_logprobs
 from mthlib.masking import MaskCallback, MaskStrategy, SparseState
 from mthlib.fingerprint import model_fingerprint
-from mthlib.models import EMBEDDED, enable_activation_checkpointing, load_model
+from mthlib.models import EMBEDDED, enable_activation_checkpointing, load_model, resolve_model_path
 from mthlib.monitor import StepSamples, watch_callbacks
 
 
@@ -58,6 +59,10 @@ class GRPOModule(pl.LightningModule):
         temperature: Sampling temperature.
         top_p: Nucleus sampling (1.0: off).
         top_k: Top-k sampling (0: off).
+        rollout_engine: ``hf`` (Hugging Face ``generate``), ``native`` (one prefill per prompt shared by its
+            G completions, finished rows leave the batch; greedy gives the same tokens) or ``vllm`` (GPU, the
+            ``vllm`` extra; sparse weight syncs); see :mod:`mthlib.grpo.engines`.
+        compile_rollout: ``torch.compile`` the native engine's decode step.
         loss_type: ``grpo``, ``dr_grpo``, ``dapo`` (TRL's default), ``bnpo``, ``cispo`` (MiniMax-M1),
             ``sapo`` (soft gate), ``luspo`` (length-unbiased GSPO) or ``vespo`` (gamma-weighted
             sequence ratios); see :func:`~mthlib.grpo.loss.aggregate_loss` and
@@ -116,6 +121,8 @@ class GRPOModule(pl.LightningModule):
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int = 0,
+        rollout_engine: EngineName = "hf",
+        compile_rollout: bool = False,
         loss_type: LossType = "dapo",
         scale_rewards: ScaleRewards = "group",
         epsilon: float = 0.2,
@@ -156,6 +163,8 @@ class GRPOModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["mask"])
         self.hparams["mask"] = mask.config() if mask is not None else None
         self._objective()  # a bad loss option fails here, before the model loads
+        self.engine = make_engine(rollout_engine, torch.initial_seed(), compile_rollout,
+                                  resolve_model_path(model_name_or_path), dtype)
         self.guard = NonFiniteGuard(max_bad_steps, divergence_factor)
         self.automatic_optimization = False
         self.model, self.tokenizer = load_model(model_name_or_path, dtype)
@@ -171,9 +180,9 @@ class GRPOModule(pl.LightningModule):
         self.prompts_seen = 0
         self._restored: resume.ResumeState | None = None  # from on_load_checkpoint until the first batch
         self.sampling = SamplingConfig(max_completion_length, temperature, top_p, top_k)
-        self.eval_sampling = SamplingConfig(
-            eval_max_completion_length or max_completion_length, temperature, top_p, top_k, greedy=True
-        )
+        self.eval_sampling = replace(self.sampling, max_completion_length=eval_max_completion_length
+                                     or max_completion_length, greedy=True)
+
         self.val_metrics = EvaluationMetrics()
 
     # -- Lightning wiring -------------------------------------------------------------------
@@ -273,7 +282,8 @@ class GRPOModule(pl.LightningModule):
         start = time.perf_counter()
         self.prompts_seen += len(batch)
         episodes = [ep for ep in batch for _ in range(h.num_generations)]
-        rollout = generate_rollout(self.model, self.tokenizer, episodes, self.sampling).to(self.device)
+        self.engine.load_weights(self.model, self.sparse_state)
+        rollout = generate_rollout(self.model, self.tokenizer, episodes, self.sampling, self.engine).to(self.device)
         generation_time = time.perf_counter() - start
         scores = [self.env.score(ep, replies) for ep, replies in zip(episodes, rollout.replies)]
         rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32, device=self.device)
@@ -355,15 +365,8 @@ class GRPOModule(pl.LightningModule):
                 return self._logps_no_grad(rollout, self.model)
         return self._logps_no_grad(rollout, self.reference)
 
-    def _log_step(
-        self,
-        rewards: torch.Tensor,
-        scores: list[dict[str, float]],
-        rollout: Rollout,
-        stats: dict[str, list[torch.Tensor]],
-        generation_time: float,
-        step_time: float,
-    ) -> None:
+    def _log_step(self, rewards: torch.Tensor, scores: list[dict[str, float]], rollout: Rollout,
+                  stats: dict[str, list[torch.Tensor]], generation_time: float, step_time: float) -> None:
         learning_rate = self.optimizers().optimizer.param_groups[0]["lr"]
         metrics = step_metrics(
             rewards, scores, rollout, self.hparams.num_generations, generation_time, step_time, learning_rate
@@ -378,14 +381,12 @@ class GRPOModule(pl.LightningModule):
 
     # -- evaluation -------------------------------------------------------------------------
     def validation_step(self, batch: list[Episode], batch_idx: int) -> None:
-        self._evaluate(batch)
-
-    def test_step(self, batch: list[Episode], batch_idx: int) -> None:
-        self._evaluate(batch)
-
-    def _evaluate(self, batch: list[Episode]) -> None:
-        rollout = generate_rollout(self.model, self.tokenizer, batch, self.eval_sampling)
+        """Greedy replies to the evaluation prompts, scored into :attr:`val_metrics` (``test_step`` alike)."""
+        self.engine.load_weights(self.model, self.sparse_state)
+        rollout = generate_rollout(self.model, self.tokenizer, batch, self.eval_sampling, self.engine)
         self.val_metrics.add(self.env, batch, rollout.replies)
+
+    test_step = validation_step
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")

@@ -17,25 +17,8 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mthlib.envs.base import Episode
-
-
-@dataclass
-class SamplingConfig:
-    """How completions are sampled (TRL's names).
-
-    Attributes:
-        max_completion_length: New tokens per turn at most.
-        temperature: Softmax temperature; log-probs are computed at the same temperature.
-        top_p: Nucleus sampling mass (1.0: off).
-        top_k: Keep the ``top_k`` most likely tokens (0: off).
-        greedy: Decode greedily (evaluation).
-    """
-
-    max_completion_length: int = 256
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    greedy: bool = False
+from mthlib.grpo.engines import HFEngine, RolloutEngine, SamplingConfig
+from mthlib.grpo.padding import attention_rows, pad_rows
 
 
 @dataclass
@@ -108,61 +91,21 @@ def prompt_tokens(tokenizer: PreTrainedTokenizerBase, episode: Episode) -> list[
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def pad_rows(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
-    """Stack integer rows of different lengths into a ``(len(rows), longest)`` tensor padded with ``value``."""
-    width = max(len(r) for r in rows)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            (out[i, width - len(row):] if left else out[i, : len(row)]).copy_(torch.tensor(row, dtype=torch.long))
-    return out
-
-
-def attention_rows(rows: list[list[int]], left: bool = False) -> torch.Tensor:
-    """The attention mask matching :func:`pad_rows`: 1 on real tokens, 0 on padding."""
-    return pad_rows([[1] * len(r) for r in rows], 0, left)
-
-
-@torch.no_grad()
-def sample_turn(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, contexts: list[list[int]], sampling: SamplingConfig
-) -> list[tuple[list[int], bool]]:
-    """Continue every context by one assistant turn, all rows in one batched ``generate`` call.
-
-    Returns:
-        Per row, the sampled tokens (up to and including the end token) and whether the
-        turn was truncated at ``max_completion_length``.
-    """
-    eos_id = tokenizer.eos_token_id
-    ids = pad_rows(contexts, tokenizer.pad_token_id, left=True).to(model.device)
-    mask = attention_rows(contexts, left=True).to(model.device)
-    options = {"do_sample": False} if sampling.greedy else {
-        "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
-    }
-    out = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_completion_length,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_id, **options,
-    )
-    results = []
-    for row in out[:, ids.shape[1]:].tolist():
-        if eos_id in row:
-            results.append((row[: row.index(eos_id) + 1], False))
-        else:
-            results.append((row, True))
-    return results
-
-
 def generate_rollout(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     episodes: list[Episode],
     sampling: SamplingConfig,
+    engine: RolloutEngine | None = None,
 ) -> Rollout:
     """Sample one conversation per episode (repeat an episode G times for G completions).
+
+    ``engine`` continues the contexts turn by turn (default: Hugging Face ``generate``).
 
     Every turn is one batched generation over the rows still in conversation; a row whose
     episode has more turns gets the next scripted user turn appended after its reply.
     """
+    engine = engine if engine is not None else HFEngine()
     was_training = model.training
     model.eval()
     tokens = [prompt_tokens(tokenizer, ep) for ep in episodes]
@@ -179,7 +122,7 @@ def generate_rollout(
                 follow = next_turn_tokens(tokenizer, episodes[i], replies[i])
                 tokens[i] += follow
                 loss[i] += [0] * len(follow)
-        sampled = sample_turn(model, tokenizer, [tokens[i] for i in active], sampling)
+        sampled = engine.sample_turn(model, tokenizer, [tokens[i] for i in active], sampling)
         for i, (new, cut) in zip(active, sampled):
             tokens[i] += new
             loss[i] += [1] * len(new)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mthlib.fingerprint import canonical_names
+
 DENSE_FRACTION = 0.25
 """Above this density a layer keeps the dense weight gradient (the gather costs more than the matmul)."""
 
@@ -124,6 +126,9 @@ def wrap_linear_layers(model: nn.Module, indices: Mapping[str, torch.Tensor]) ->
 
     A layer keeps its dense path when its weight has no active entry (it then needs no
     weight gradient at all) or more than :data:`DENSE_FRACTION` of its entries are active.
+    A layer whose weight is tied to another parameter (an LM head sharing the input
+    embedding) is found under the name ``indices`` gives that parameter, so a trained tied
+    embedding's head also computes its gradient at the active entries only.
 
     Args:
         model: The model being trained.
@@ -133,8 +138,9 @@ def wrap_linear_layers(model: nn.Module, indices: Mapping[str, torch.Tensor]) ->
         What was replaced; call :meth:`LayerSwap.restore` to undo.
     """
     replaced, wrappers = {}, {}
+    canonical = canonical_names(model)
     for name, module in list(model.named_modules()):
-        idx = indices.get(f"{name}.weight" if name else "weight")
+        idx = indices.get(canonical.get(f"{name}.weight" if name else "weight", ""))
         if type(module) is not nn.Linear or not name or idx is None or not idx.numel():
             continue
         if idx.numel() > DENSE_FRACTION * module.weight.numel():

@@ -87,6 +87,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self.sparse_state = sparse_state
         self._names = names
         self._last_grads: dict[str, torch.Tensor] = {}
+        self._device_indices: tuple[Masks, dict[str, torch.Tensor]] | None = None
         for name in names:
             self.state[params[name]] = _new_state(params[name], sparse_state.masks[name])
 
@@ -94,6 +95,14 @@ class SparseAdamW(torch.optim.Optimizer):
     def masks(self) -> Masks:
         """The current masks (the state's)."""
         return self.sparse_state.masks
+
+    def _indices_on_devices(self) -> dict[str, torch.Tensor]:
+        """Every active parameter's indices on its device, copied once per masks (not once per step on a GPU)."""
+        masks = self.masks
+        if self._device_indices is None or self._device_indices[0] is not masks:
+            params = self.sparse_state.parameters
+            self._device_indices = (masks, {name: masks[name].to(params[name].device) for name in self._names})
+        return self._device_indices[1]
 
     def remap(self, old: Masks) -> None:
         """Follow the state's new masks after :meth:`SparseState.replace_masks` replaced ``old``.
@@ -158,6 +167,7 @@ class SparseAdamW(torch.optim.Optimizer):
         lr, (beta1, beta2), eps, wd = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
         grads = self.sparse_state.gradients.buffers
         params = self.sparse_state.parameters
+        indices = self._indices_on_devices()
         for name in self._names:
             grad = grads.get(name)
             if grad is None:
@@ -166,7 +176,7 @@ class SparseAdamW(torch.optim.Optimizer):
             state = self.state[param]
             state["step"] += 1
             step = float(state["step"])
-            idx = self.masks[name].to(param.device)
+            idx = indices[name]
             flat = param.view(-1)
             weight = state["master"] if "master" in state else flat.index_select(0, idx).float()
             if wd != 0:

@@ -3,8 +3,8 @@
 import torch
 
 from mthlib.envs.base import Episode
+from mthlib.grpo.engines import SamplingConfig
 from mthlib.grpo.rollout import (
-    SamplingConfig,
     generate_rollout,
     next_turn_tokens,
     prompt_tokens,

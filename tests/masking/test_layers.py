@@ -99,3 +99,22 @@ def test_a_masked_model_leaves_a_dense_model_in_the_same_process_untouched():
         torch.testing.assert_close(param.grad, expected[name], rtol=0, atol=0, msg=name)
     assert optimizer.sparse_grads  # and the masked model's hooks fed its own optimizer only
     state.detach()
+
+
+def test_every_masked_matrix_gets_its_gradient_at_the_active_entries_tied_head_included():
+    """Attention, MLP, input embedding and LM head (tied or not): sparse weight gradients equal the dense ones there."""
+    for tie in (True, False):
+        sparse_model, dense_model = make_tiny_lm(seed=3, tie=tie), make_tiny_lm(seed=3, tie=tie)
+        masks = _random_masks(sparse_model)
+        state = attached(sparse_model, masks)
+        wrapped = {n for n, m in sparse_model.named_modules() if isinstance(m, ActiveEntryLinear)}
+        linear_names = {n for n, m in dense_model.named_modules() if isinstance(m, nn.Linear)}
+        assert wrapped == linear_names and "lm_head" in wrapped, (tie, linear_names - wrapped)
+        ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+        sparse_model(input_ids=ids, labels=ids).loss.backward()
+        dense_model(input_ids=ids, labels=ids).loss.backward()
+        dense = dict(dense_model.named_parameters())
+        for name, values in state.gradients.buffers.items():
+            torch.testing.assert_close(values, dense[name].grad.reshape(-1)[masks[name]].float(), msg=name)
+        assert set(state.gradients.buffers) == set(masks.names)
+        assert (not tie) or "model.embed_tokens.weight" in masks.names

@@ -1,0 +1,226 @@
+"""Rollout engines: how a batch of token contexts is continued by one sampled assistant turn.
+
+Backends behind one small interface, chosen by name (``GRPOModule(rollout_engine=...)``):
+
+* ``hf``: one call of Hugging Face ``generate`` (the reference behaviour);
+* ``native``: a decode loop of our own over the model's forward. Every distinct context is
+  prefilled once and its KV cache shared by the rows that repeat it (a GRPO group repeats each
+  prompt G times), finished rows leave the batch at once, and sampling (temperature, top-k,
+  top-p, in ``generate``'s order) draws from a seeded ``torch.Generator``. Greedy decoding gives
+  the same tokens as ``generate``; ``compile=True`` wraps the decode-step forward in
+  ``torch.compile``;
+* ``vllm``: a vLLM engine whose weights follow the trainer's through sparse syncs
+  (:mod:`mthlib.grpo.vllm_engine`; the ``vllm`` extra, on a GPU).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from mthlib.grpo.padding import attention_rows, pad_rows
+from mthlib.masking import SparseState
+
+EngineName = Literal["hf", "native", "vllm"]
+
+
+@dataclass
+class SamplingConfig:
+    """How completions are sampled (TRL's names).
+
+    Attributes:
+        max_completion_length: New tokens per turn at most.
+        temperature: Softmax temperature; log-probs are computed at the same temperature.
+        top_p: Nucleus sampling mass (1.0: off).
+        top_k: Keep the ``top_k`` most likely tokens (0: off).
+        greedy: Decode greedily (evaluation).
+        stop_strings: A row also stops once its text contains one of these (the tokens up to
+            the one that completed it are kept, as ``generate(stop_strings=...)`` does).
+    """
+
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+    stop_strings: tuple[str, ...] = ()
+
+
+Continuation = tuple[list[int], bool]
+"""The sampled tokens of one row (up to and including its end token) and whether it was truncated."""
+
+
+class RolloutEngine(abc.ABC):
+    """Continues token contexts by one assistant turn each."""
+
+    def load_weights(self, model: PreTrainedModel, state: SparseState | None) -> None:
+        """Make the engine sample from ``model``'s current weights (called before every rollout).
+
+        Engines that run ``model`` itself need nothing; one with its own copy of the weights
+        (vLLM) syncs them here, only ``state``'s active entries when the run is masked.
+        """
+
+    @abc.abstractmethod
+    def sample_turn(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, contexts: list[list[int]],
+        sampling: SamplingConfig,
+    ) -> list[Continuation]:
+        """One continuation per context, in order; a row ends at EOS, a stop string or the length limit."""
+
+
+def _hits_stop(tokenizer: PreTrainedTokenizerBase, tokens: list[int], stop_strings: tuple[str, ...]) -> bool:
+    if not stop_strings:
+        return False
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    return any(stop in text for stop in stop_strings)
+
+
+def _cut(tokenizer: PreTrainedTokenizerBase, row: list[int], sampling: SamplingConfig) -> Continuation:
+    """A generated row up to its first end token or completed stop string; truncated if neither came."""
+    for end, token in enumerate(row, start=1):
+        if token == tokenizer.eos_token_id or _hits_stop(tokenizer, row[:end], sampling.stop_strings):
+            return row[:end], False
+    return row, True
+
+
+class HFEngine(RolloutEngine):
+    """All rows in one batched, left-padded Hugging Face ``generate`` call."""
+
+    def sample_turn(self, model, tokenizer, contexts, sampling):
+        eos_id = tokenizer.eos_token_id
+        ids = pad_rows(contexts, tokenizer.pad_token_id, left=True).to(model.device)
+        mask = attention_rows(contexts, left=True).to(model.device)
+        options = {"do_sample": False} if sampling.greedy else {
+            "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+        }
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=sampling.max_completion_length,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_id, **options,
+        )
+        return [_cut(tokenizer, row, sampling) for row in out[:, ids.shape[1]:].tolist()]
+
+
+def next_token_scores(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """``logits`` ``(B, V)`` after temperature, top-k and top-p, in ``generate``'s order (removed: ``-inf``)."""
+    scores = logits / sampling.temperature
+    if sampling.top_k > 0:
+        kth = torch.topk(scores, min(sampling.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        ordered, order = torch.sort(scores, dim=-1, descending=False)
+        cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1 - sampling.top_p
+        drop[:, -1] = False  # always keep the most likely token
+        scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return scores
+
+
+def prefill(
+    model: PreTrainedModel, contexts: list[list[int]], pad_id: int, share: bool = True,
+) -> tuple[torch.Tensor, DynamicCache, torch.Tensor, torch.Tensor]:
+    """Run the contexts through the model once, left-padded, for decoding to continue.
+
+    With ``share``, each distinct context is computed once and its KV cache rows are given to
+    every row that repeats it, so a group of G completions of one prompt costs one prefill.
+
+    Returns:
+        Next-token logits ``(N, V)``, the KV cache, the attention mask ``(N, T)`` and the
+        position of every row's last token ``(N,)``, all in the order of ``contexts``.
+    """
+    device = model.device
+    distinct = list(dict.fromkeys(map(tuple, contexts))) if share else [tuple(c) for c in contexts]
+    row_of = {context: row for row, context in enumerate(distinct)}
+    source = torch.tensor([row_of[tuple(c)] for c in contexts], device=device)
+    ids = pad_rows([list(c) for c in distinct], pad_id, left=True).to(device)
+    mask = attention_rows([list(c) for c in distinct], left=True).to(device)
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=1)
+    if share:
+        cache.batch_select_indices(source)
+    return out.logits[source, -1], cache, mask[source], positions[source, -1]
+
+
+class NativeEngine(RolloutEngine):
+    """A decode loop over the model's forward with one prefill per distinct context.
+
+    Args:
+        seed: Seed of the sampling generator; two engines with the same seed draw the same
+            tokens for the same model and contexts.
+        compile: Wrap the forward of the decode steps in ``torch.compile``.
+    """
+
+    def __init__(self, seed: int = 0, compile: bool = False) -> None:
+        self.seed = seed
+        self.compile = compile
+        self.generator = torch.Generator().manual_seed(seed)
+        self._compiled: tuple[PreTrainedModel, Callable] | None = None
+
+    def _decode_forward(self, model: PreTrainedModel) -> Callable:
+        """The model's forward for decode steps: compiled once per model when :attr:`compile` is set."""
+        if not self.compile:
+            return model
+        if self._compiled is None or self._compiled[0] is not model:
+            self._compiled = (model, torch.compile(model, dynamic=True))
+        return self._compiled[1]
+
+    def _pick(self, logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+        if sampling.greedy:
+            return logits.argmax(dim=-1)
+        probs = next_token_scores(logits.float(), sampling).softmax(dim=-1)
+        return torch.multinomial(probs.cpu(), 1, generator=self.generator).squeeze(1).to(logits.device)
+
+    @torch.no_grad()
+    def sample_turn(self, model, tokenizer, contexts, sampling):
+        device = model.device
+        eos_id = tokenizer.eos_token_id
+        logits, cache, mask, last = prefill(model, contexts, tokenizer.pad_token_id)
+        live = torch.arange(len(contexts), device=device)  # rows still decoding, as indices into contexts
+        sampled: list[list[int]] = [[] for _ in contexts]
+        done = [False] * len(contexts)
+        forward = self._decode_forward(model)
+        for step in range(sampling.max_completion_length):
+            tokens = self._pick(logits, sampling)
+            keep = []
+            for slot, (row, token) in enumerate(zip(live.tolist(), tokens.tolist())):
+                sampled[row].append(token)
+                if token == eos_id or _hits_stop(tokenizer, sampled[row], sampling.stop_strings):
+                    done[row] = True
+                else:
+                    keep.append(slot)
+            if not keep or step + 1 == sampling.max_completion_length:
+                break
+            if len(keep) < len(live):
+                index = torch.tensor(keep, device=device)
+                cache.batch_select_indices(index)
+                live, tokens, mask, last = live[index], tokens[index], mask[index], last[index]
+            mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
+            last = last + 1
+            out = forward(input_ids=tokens[:, None], attention_mask=mask, position_ids=last[:, None],
+                          cache=cache, use_cache=True)
+            logits = out.logits[:, -1]
+        return [(tokens, not done[row]) for row, tokens in enumerate(sampled)]
+
+
+def make_engine(name: EngineName, seed: int = 0, compile: bool = False, model: str | None = None,
+                dtype: str = "float32") -> RolloutEngine:
+    """The engine called ``name``: ``"hf"``, ``"native"`` (``seed``, ``compile``) or ``"vllm"``.
+
+    ``vllm`` starts, on first use, a colocated ``vllm.LLM`` of ``model`` in the trainer's ``dtype``
+    (so synced weights are bitwise the trainer's) taking 30% of the GPU's memory.
+    """
+    if name == "hf":
+        return HFEngine()
+    if name == "native":
+        return NativeEngine(seed=seed, compile=compile)
+    if name == "vllm":
+        from mthlib.grpo.vllm_engine import VLLMEngine
+
+        return VLLMEngine(model=model, seed=seed, dtype=dtype, gpu_memory_utilization=0.3)
+    raise ValueError(f"unknown rollout engine {name!r}; allowed: hf, native, vllm")
