@@ -159,3 +159,12 @@ def test_greedy_native_equals_generate_on_the_embedded_model():
     contexts = [prompt_tokens(tok, episode) for episode in episodes for _ in range(2)]
     greedy = SamplingConfig(max_completion_length=32, greedy=True)
     assert NativeEngine().sample_turn(model, tok, contexts, greedy) == HFEngine().sample_turn(model, tok, contexts, greedy)
+
+
+@pytest.mark.slow
+def test_a_compiled_decode_step_gives_the_same_greedy_tokens():
+    model, tok = varied_lm(2, hidden=32, layers=2)
+    contexts = contexts_of(tok, ["Sort: b, a", "xy"], repeat=2)
+    greedy = SamplingConfig(max_completion_length=6, greedy=True)
+    engine = NativeEngine(compile=True)
+    assert engine.sample_turn(model, tok, contexts, greedy) == HFEngine().sample_turn(model, tok, contexts, greedy)
