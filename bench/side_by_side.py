@@ -24,7 +24,6 @@ line; the ``mth fit`` runs are read from their CSVLogger ``metrics.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -36,6 +35,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import yaml
+
+from mthlib.analysis.plot_run import read_metrics
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 VARIANTS = ("trl_full", "trl_shira", "hf_generate", "mthlib_dense", "mthlib_random99", "mthlib_fisher99")
@@ -209,15 +210,13 @@ def mthlib_variant(variant: str, args: argparse.Namespace, out: Path) -> dict:
         print(f"fisher99 mask built in {time.perf_counter() - start:.1f} s", flush=True)
         overrides += [str(args.lr_sparse), "--model.mask", "file", "--model.mask.path", str(mask)]
     _, rss = run_measured(cli + ["fit", "--config", str(QUICKSTART), *overrides], out / f"{variant}.log")
-    steps: dict[int, dict[str, str]] = defaultdict(dict)  # Lightning may split one step over several rows
-    for row in csv.DictReader(next((out / variant).rglob("metrics.csv")).open()):
-        steps[int(row["step"])].update({k: v for k, v in row.items() if v})
-    rows = [r for _, r in sorted(steps.items()) if "timing/step_s" in r]
-    fraction = rows[-1].get("mask/trainable_fraction") if rows else None
-    return {"trainable_fraction": float(fraction) if fraction else 1.0, "rss_gib": rss,
-            "step_s": [float(r["timing/step_s"]) for r in rows],
-            "generation_s": [float(r["timing/generation_s"]) for r in rows],
-            "tokens": [float(r["completions/mean_length"]) * args.prompts * args.generations for r in rows]}
+    curves = read_metrics(next((out / variant).rglob("metrics.csv")))
+    values = {name: [value for _, value in curves.get(name, [])] for name in
+              ("timing/step_s", "timing/generation_s", "completions/mean_length", "mask/trainable_fraction")}
+    fraction = values["mask/trainable_fraction"]
+    return {"trainable_fraction": fraction[-1] if fraction else 1.0, "rss_gib": rss,
+            "step_s": values["timing/step_s"], "generation_s": values["timing/generation_s"],
+            "tokens": [length * args.prompts * args.generations for length in values["completions/mean_length"]]}
 
 
 def summarize(raw: dict) -> dict:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mthlib.analysis.plot_run import read_metrics
 from mthlib.analysis.sparsity import PAPER_TOLERANCE
 from mthlib.utils import atomic_write_text
 
@@ -190,33 +191,23 @@ As the paper finds, the update is sparse (in bf16) yet nearly full rank.
 SKILL_KEYS = ("reward", "format", "similarity", "accuracy", "order", "copy", "one_per_line")
 
 
-def _metric_rows(path: Path) -> dict[int, dict[str, str]]:
-    """A CSVLogger ``metrics.csv`` as step to every value logged at that step (Lightning splits a step over rows)."""
-    steps: dict[int, dict[str, str]] = {}
-    with path.open(newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            steps.setdefault(int(row["step"]), {}).update({k: v for k, v in row.items() if v})
-    return steps
-
-
 def render_skill_curve(folder: Path) -> str:
     """``configs/skill.yaml``'s run: greedy evaluations before and during training, training windows of five steps."""
     m = read_json(folder / "measurement.json")
-    base = [row for row in _metric_rows(folder / "base_metrics.csv").values() if "val/reward" in row][-1]
-    steps = _metric_rows(folder / "metrics.csv")
-    evaluations = [("before training", base)] + [
-        (f"after step {step + 1}", row) for step, row in sorted(steps.items()) if "val/reward" in row]
-    eval_rows = [[label, *(f"{float(row['val/' + key]):.3f}" for key in SKILL_KEYS)] for label, row in evaluations]
-    train = [row for _, row in sorted(steps.items()) if "reward" in row]
+    base, run = read_metrics(folder / "base_metrics.csv"), read_metrics(folder / "metrics.csv")
+    evaluations = [("before training", {key: base[f"val/{key}"][-1][1] for key in SKILL_KEYS})] + [
+        (f"after step {step + 1}", {key: dict(run[f"val/{key}"])[step] for key in SKILL_KEYS})
+        for step, _ in run["val/reward"]]
+    eval_rows = [[label, *(f"{values[key]:.3f}" for key in SKILL_KEYS)] for label, values in evaluations]
+    columns = [[value for _, value in run["reward" if key == "reward" else f"rewards/{key}"]] for key in SKILL_KEYS]
+    seconds = [value for _, value in run["timing/step_s"]]
     window_rows = []
-    for start in range(0, len(train), 5):
-        chunk = train[start:start + 5]
-        cells = [sum(float(r["reward" if key == "reward" else f"rewards/{key}"]) for r in chunk) / len(chunk)
-                 for key in SKILL_KEYS]
-        seconds = sum(float(r["timing/step_s"]) for r in chunk) / len(chunk)
-        window_rows.append([f"{start + 1}-{start + len(chunk)}", *(f"{c:.2f}" for c in cells), f"{seconds:.0f}"])
+    for start in range(0, len(seconds), 5):
+        means = [sum(values[start:start + 5]) / len(values[start:start + 5]) for values in [*columns, seconds]]
+        window_rows.append([f"{start + 1}-{min(start + 5, len(seconds))}", *(f"{v:.2f}" for v in means[:-1]),
+                            f"{means[-1]:.0f}"])
     return f"""Measured on a {m['machine']} (``{m['command']}`` as shipped, {duration(m['wall_s'])} wall for
-{len(train)} steps and {len(evaluations) - 1} evaluations, peak RSS {m['peak_rss_gib']} GiB; {versions(m)}). Greedy
+{len(seconds)} steps and {len(evaluations) - 1} evaluations, peak RSS {m['peak_rss_gib']} GiB; {versions(m)}). Greedy
 evaluation on {m['eval_prompts']} prompts, before training (``{m['base_command']}``) and every
 {m['eval_every']} steps:
 

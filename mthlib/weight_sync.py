@@ -121,7 +121,7 @@ class SparseWeightSync:
         masks = self.state.masks
         indices: dict[str, torch.Tensor] = {}
         restore: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        if self._sent_masks is None or not masks == self._sent_masks:
+        if masks is not self._sent_masks:  # a mask update replaces the state's Masks object
             if self._sent_masks is not None:  # the trainer put the base back at dropped entries: so must the engine
                 dropped = self._sent_masks.difference(masks)
                 restore = {name: (self._engine_indices(name, dropped[name]), value)

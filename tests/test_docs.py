@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.loggers import CSVLogger
 
+from mthlib.analysis.plot_run import read_metrics
 from mthlib.analysis.rank import MatrixRank, RankResult
 from mthlib.analysis.report import write_report
 from mthlib.analysis.sparsity import ParamSparsity, SparsityResult
@@ -240,8 +241,10 @@ def test_tutorial_strategy_registers_and_keeps_exact_whole_rows() -> None:
 def test_skill_page_and_config_state_the_committed_measurements() -> None:
     """Every figure the skill page and configs/skill.yaml quote is the committed run's."""
     folder = DATA / "skill_curve"
-    base = [row for row in generate._metric_rows(folder / "base_metrics.csv").values() if "val/reward" in row][-1]
-    evals = [row for _, row in sorted(generate._metric_rows(folder / "metrics.csv").items()) if "val/reward" in row]
+    base_curves, curves = read_metrics(folder / "base_metrics.csv"), read_metrics(folder / "metrics.csv")
+    base = {key: values[-1][1] for key, values in base_curves.items()}
+    evals = [{key: dict(values)[step] for key, values in curves.items() if key.startswith("val/")}
+             for step, _ in curves["val/reward"]]
     page = (DOCS / "tutorials" / "skill.rst").read_text(encoding="utf-8")
     config = (ROOT / "configs" / "skill.yaml").read_text(encoding="utf-8")
     accuracy = [f"{float(row['val/accuracy']):.1%}" for row in [base, *evals]]

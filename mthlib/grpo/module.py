@@ -26,7 +26,7 @@ from mthlib.grpo.engines import EngineName, SamplingConfig, make_engine
 from mthlib.grpo.rollout import Rollout, generate_rollout, rollout_logprobs, token_logprobs
 from mthlib.masking import MaskCallback, MaskStrategy, SparseState
 from mthlib.fingerprint import model_fingerprint
-from mthlib.models import EMBEDDED, enable_activation_checkpointing, load_model, resolve_model_path
+from mthlib.models import EMBEDDED, enable_activation_checkpointing, load_model
 from mthlib.monitor import StepSamples, watch_callbacks
 
 
@@ -163,8 +163,7 @@ class GRPOModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["mask"])
         self.hparams["mask"] = mask.config() if mask is not None else None
         self._objective()  # a bad loss option fails here, before the model loads
-        self.engine = make_engine(rollout_engine, torch.initial_seed(), compile_rollout,
-                                  resolve_model_path(model_name_or_path), dtype)
+        self.engine = make_engine(rollout_engine, torch.initial_seed(), compile_rollout, model_name_or_path, dtype)
         self.guard = NonFiniteGuard(max_bad_steps, divergence_factor)
         self.automatic_optimization = False
         self.model, self.tokenizer = load_model(model_name_or_path, dtype)

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mthlib.grpo.engines import Continuation, RolloutEngine, SamplingConfig
 from mthlib.masking import SparseState
+from mthlib.models import resolve_model_path
 from mthlib.weight_sync import SparseWeightSync, fused_layout
 
 RECEIVER = "mthlib.weight_sync.SparseUpdateReceiver"
@@ -28,7 +29,7 @@ class VLLMEngine(RolloutEngine):
         llm: A ``vllm.LLM`` started with ``worker_extension_cls="mthlib.weight_sync.SparseUpdateReceiver"``
             (anything with vLLM's ``generate`` and ``collective_rpc`` works); ``None``: started on
             first use from ``model`` with ``llm_options``.
-        model: The model vLLM loads when it starts the engine itself (a Hub id or local folder).
+        model: The model vLLM loads when it starts the engine itself (``"embedded"``, a Hub id or a local folder).
         seed: Seed of vLLM's sampling.
         llm_options: More keyword arguments of ``vllm.LLM`` (``gpu_memory_utilization``,
             ``tensor_parallel_size=1``, ``enable_prefix_caching``...).
@@ -50,7 +51,7 @@ class VLLMEngine(RolloutEngine):
                 from vllm import LLM
             except ImportError:
                 raise ImportError("rollout_engine 'vllm' needs vLLM: pip install -e \".[vllm]\" (on a GPU machine)") from None
-            self.llm = LLM(model=self.model_name, seed=self.seed, worker_extension_cls=RECEIVER, **self.llm_options)
+            self.llm = LLM(model=resolve_model_path(self.model_name), seed=self.seed, worker_extension_cls=RECEIVER, **self.llm_options)
         return self.llm
 
     def load_weights(self, model: PreTrainedModel, state: SparseState | None) -> None:
