@@ -4,6 +4,10 @@
     ``metrics.csv`` is the quickstart run's ``runs/quickstart/version_N/metrics.csv`` as
     Lightning's CSVLogger writes it, trimmed to the columns shown; ``measurement.json``
     holds the command, machine, wall time, peak RSS, evaluation size and versions.
+``tickets_repro`` (included by ``tutorials/reproducing.rst``)
+    ``report.json``, ``reward_vs_lr.png`` and ``jaccard.png`` are what ``mth report runs/tickets
+    --out reports/tickets --sparsity true`` wrote after the two sweeps; ``measurement.json`` holds
+    the machine, the versions, the steps per run and the grid's wall time.
 ``measuring_results`` (included by ``tutorials/measuring.rst``)
     ``sparsity.json`` and ``rank.json`` are what ``mth analyze sparsity|rank --out`` write,
     trimmed to the summaries (``params`` dropped, ``matrices`` replaced by its length);
@@ -219,10 +223,53 @@ Training, means over windows of five steps (16 completions of 2 prompts a step):
 """
 
 
+TICKET_METRICS = ("reward", "format", "similarity", "accuracy", "order", "copy")
+
+
+def stat_cell(stat: dict[str, Any] | None) -> str:
+    """A report statistic as ``mean ± sd`` with 3 decimals (the mean alone for one run, ``-`` for none)."""
+    if stat is None:
+        return "-"
+    one = stat["n"] < 2 or stat["std"] != stat["std"]
+    return f"{stat['mean']:.3f}" if one else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
+def render_tickets_repro(folder: Path) -> str:
+    """The multiple-tickets grid: ``mth report``'s final evaluations, mask overlaps and update sparsity."""
+    m, report = read_json(folder / "measurement.json"), read_json(folder / "report.json")
+    base = read_metrics(DATA / "skill_curve" / "base_metrics.csv")
+    rows = [["base model (no training)", "-", *(f"{base[f'val/{key}'][-1][1]:.3f}" for key in TICKET_METRICS)]]
+    rows += [[group["label"], str(len(group["runs"])), *(stat_cell(group["val"].get(key)) for key in TICKET_METRICS)]
+             for group in report["groups"]]
+    overlap = report["overlap"]
+    pair_rows = [[pair["first"], pair["second"], f"{pair['jaccard']:.2%}", f"{pair['jaccard_random']:.2%}"]
+                 for pair in overlap["pairs"]]
+    sparsity_rows = [[name, f"{result['stored']:.1%}", f"{result['bf16']:.1%}"]
+                     for name, result in sorted(report["update_sparsity"].items())]
+    return f"""Measured on a {m['machine']} ({versions(m)}): {len(report['groups'])} settings,
+{sum(len(group['runs']) for group in report['groups'])} runs of {m['steps']} steps each, {duration(m['wall_s'])} wall
+for the whole grid, one run after another. Final greedy evaluation on {m['eval_prompts']} prompts (seed 2001), the
+mean ± sample standard deviation over seeds where a setting has several:
+
+{list_table(["setting", "runs", *TICKET_METRICS], rows)}
+
+Overlap of the trained subnetworks (``mth analyze overlap`` on each run's mask; a mask trained at two learning
+rates is one mask), beside the Jaccard index two independent random masks of the same sizes reach:
+
+{list_table(["mask 1", "mask 2", "Jaccard", "random baseline"], pair_rows)}
+
+Update sparsity, ``1 − nnz(|θ1 − θ0| > 1e-5) / n`` against the base, of the weights as stored (fp32) and
+rounded to bf16 as the paper's checkpoints were:
+
+{list_table(["run", "update sparsity (fp32)", "in bf16"], sparsity_rows)}
+"""
+
+
 FRAGMENTS: dict[str, Callable[[Path], str]] = {
     "quickstart_curve": render_quickstart_curve,
     "skill_curve": render_skill_curve,
     "measuring_results": render_measuring_results,
+    "tickets_repro": render_tickets_repro,
 }
 
 

@@ -10,6 +10,8 @@ each with its list of values::
       model.mask.init_args.seed: [0, 2001, 42]
 
 The grid is the product of the lists, in the order written (the last key varies fastest).
+``grid`` may also be a list of such mappings: the runs of each, one after another (a learning
+rate per strategy, say, where one product would pair every strategy with every rate).
 Run ``learning_rate=0.0001,seed=0`` is ``mth fit --config CONFIG --model.learning_rate 0.0001
 --model.mask.init_args.seed 0`` logging to ``OUT/learning_rate=0.0001,seed=0/version_0``
 (a CSVLogger): a run folder like any other, with its ``config.yaml``, ``metrics.csv``,
@@ -69,11 +71,11 @@ class SweepRun:
 
 @dataclass(frozen=True)
 class Sweep:
-    """A parsed sweep file: the fit configs, the output folder and the grid (key to list of values)."""
+    """A parsed sweep file: the fit configs, the output folder and its grids (each a key to a list of values)."""
 
     configs: list[str]
     out: Path
-    grid: dict[str, list[Any]]
+    grids: list[dict[str, list[Any]]]
 
     @classmethod
     def load(cls, path: str | Path) -> Sweep:
@@ -96,34 +98,46 @@ class Sweep:
         for config in configs:
             if not Path(config).is_file():
                 raise FileNotFoundError(f"{path}: config file not found: {config}")
-        grid = spec["grid"]
-        if not isinstance(grid, dict) or not grid:
-            raise ValueError(f"{path}: grid must map dotted config keys to lists of values; got {grid!r}")
-        for key, values in grid.items():
-            if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
-                raise ValueError(f"{path}: grid key {key!r} is not a dotted config key such as model.learning_rate")
-            if not isinstance(values, list) or not values:
-                raise ValueError(f"{path}: grid key {key} needs a non-empty list of values; got {values!r}")
-        return cls(configs=configs, out=Path(str(spec["out"])), grid=grid)
+        grids = spec["grid"] if isinstance(spec["grid"], list) and spec["grid"] else [spec["grid"]]
+        for grid in grids:
+            if not isinstance(grid, dict) or not grid:
+                raise ValueError(f"{path}: grid must map dotted config keys to lists of values (or be a list of "
+                                 f"such mappings); got {grid!r}")
+            for key, values in grid.items():
+                if not isinstance(key, str) or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+                    raise ValueError(f"{path}: grid key {key!r} is not a dotted config key such as model.learning_rate")
+                if not isinstance(values, list) or not values:
+                    raise ValueError(f"{path}: grid key {key} needs a non-empty list of values; got {values!r}")
+        return cls(configs=configs, out=Path(str(spec["out"])), grids=grids)
 
     def runs(self) -> list[SweepRun]:
-        """Every point of the grid, the last key varying fastest, each with a unique folder name.
+        """Every point of every grid, in order, the last key varying fastest, each with a unique folder name.
+
+        A point that two grids share (the same name, the same values) is run once.
 
         Raises:
-            ValueError: Two points would share a folder name (two values with the same label).
+            ValueError: Two different points would share a folder name (two values with the same label).
         """
-        keys = list(self.grid)
-        leaves = [key.rsplit(".", 1)[-1] for key in keys]
-        shown = [leaf if leaves.count(leaf) == 1 else key for key, leaf in zip(keys, leaves)]
-        labels = {key: [_label(value) for value in values] for key, values in self.grid.items()}
-        for key, named in labels.items():
-            if len(set(named)) != len(named):
-                raise ValueError(f"grid key {key}: two values share the folder label {named}; give distinct values")
-        runs = []
-        for point in itertools.product(*(range(len(self.grid[key])) for key in keys)):
-            name = ",".join(f"{label}={labels[key][i]}" for label, key, i in zip(shown, keys, point))
-            runs.append(SweepRun(name, tuple((key, self.grid[key][i]) for key, i in zip(keys, point))))
-        return runs
+        runs: dict[str, SweepRun] = {}
+        for run in (run for grid in self.grids for run in _grid_runs(grid)):
+            if runs.setdefault(run.name, run) != run:
+                raise ValueError(f"two grids name different runs {run.name}: {dict(runs[run.name].values)} and "
+                                 f"{dict(run.values)}; give distinct values")
+        return list(runs.values())
+
+
+def _grid_runs(grid: dict[str, list[Any]]) -> list[SweepRun]:
+    """The points of one grid (the product of its lists), named by each key's last part and the value's label."""
+    keys = list(grid)
+    leaves = [key.rsplit(".", 1)[-1] for key in keys]
+    shown = [leaf if leaves.count(leaf) == 1 else key for key, leaf in zip(keys, leaves)]
+    labels = {key: [_label(value) for value in values] for key, values in grid.items()}
+    for key, named in labels.items():
+        if len(set(named)) != len(named):
+            raise ValueError(f"grid key {key}: two values share the folder label {named}; give distinct values")
+    return [SweepRun(",".join(f"{label}={labels[key][i]}" for label, key, i in zip(shown, keys, point)),
+                     tuple((key, grid[key][i]) for key, i in zip(keys, point)))
+            for point in itertools.product(*(range(len(grid[key])) for key in keys))]
 
 
 def _label(value: Any) -> str:

@@ -172,7 +172,7 @@ def sweep(config: str, run: str | None = None, list_runs: bool = False) -> None:
     """Run a grid of ``mth fit`` runs from a sweep file, one folder each; finished runs are skipped, a stopped one resumes.
 
     The sweep file names the fit config(s), the output folder and the grid: dotted config keys
-    with their lists of values (see :mod:`mthlib.sweep`). Masks that need calibration are
+    with their lists of values, or a list of such grids (see :mod:`mthlib.sweep`). Masks that need calibration are
     built once per setting and reused from file across the grid.
 
     Args:

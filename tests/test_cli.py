@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from mthlib.cli import main
+from mthlib.sweep import Sweep
 from tests.conftest import make_tiny_chat_lm
 
 CONFIG = """
@@ -107,7 +108,10 @@ def test_masks_list_and_build(tiny_config, tmp_path, capsys):
     assert 0.09 < masks.density < 0.11
 
 
-SHIPPED_CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs").rglob("*.yaml"))
+SWEEPS = Path(__file__).parents[1] / "configs" / "sweeps"
+SHIPPED_SWEEPS = sorted(path for path in SWEEPS.glob("*.yaml") if set(yaml.safe_load(path.read_text())) == {
+    "config", "out", "grid"})
+SHIPPED_CONFIGS = sorted(set(Path(__file__).parents[1].joinpath("configs").rglob("*.yaml")) - set(SHIPPED_SWEEPS))
 
 
 @pytest.mark.parametrize("config", SHIPPED_CONFIGS, ids=[path.stem for path in SHIPPED_CONFIGS])
@@ -118,6 +122,19 @@ def test_every_shipped_config_parses(config, tmp_path, monkeypatch, capsys):
     assert not stop.value.code, capsys.readouterr().err[-2000:]
     assert yaml.safe_load(capsys.readouterr().out)["model"]["model_name_or_path"]
     assert not list(tmp_path.iterdir())  # parsing writes nothing
+
+
+@pytest.mark.parametrize("sweep", SHIPPED_SWEEPS, ids=[path.stem for path in SHIPPED_SWEEPS])
+def test_every_shipped_sweep_expands_into_runs_that_parse(sweep, monkeypatch, capsys):
+    monkeypatch.chdir(SWEEPS.parents[1])  # a sweep names its configs from the repository root
+    runs = Sweep.load(sweep).runs()
+    assert runs
+    for run in runs:
+        with pytest.raises(SystemExit) as stop:
+            main(["fit", *run.fit_args(Sweep.load(sweep).configs), "--print_config"])
+        assert not stop.value.code, capsys.readouterr().err[-2000:]
+        printed = yaml.safe_load(capsys.readouterr().out)
+        assert printed["model"]["learning_rate"] == dict(run.values)["model.learning_rate"]
 
 
 def test_configs_folder_is_not_empty():

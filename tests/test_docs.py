@@ -3,6 +3,7 @@ and its example strategy works as the tutorial says."""
 
 import importlib.metadata
 import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -259,3 +260,30 @@ def test_skill_page_and_config_state_the_committed_measurements() -> None:
     assert copy == ["0.16", "0.81"] and "from 0.16 to 0.81" in page
     readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
     assert f"from {accuracy[0]} to {accuracy[-1]} of 64 evaluation prompts in 45 steps" in readme
+
+
+def test_reproducing_page_shows_the_committed_report(tmp_path: Path) -> None:
+    """The tickets fragment is the committed ``mth report`` output, and every figure the page quotes is in it."""
+    folder = DATA / "tickets_repro"
+    report = json.loads((folder / "report.json").read_text(encoding="utf-8"))
+    fragment = {path.stem: path.read_text(encoding="utf-8")
+                for path in generate.write_fragments(DATA, tmp_path)}["tickets_repro"]
+    for group in report["groups"]:
+        reward = group["val"]["reward"]
+        cell = f"{reward['mean']:.3f}" if reward["n"] < 2 else f"{reward['mean']:.3f} ± {reward['std']:.3f}"
+        assert f"   * - {group['label']}\n     - {len(group['runs'])}\n     - {cell}\n" in fragment
+    for pair in report["overlap"]["pairs"]:
+        assert f"     - {pair['jaccard']:.2%}\n     - {pair['jaccard_random']:.2%}\n" in fragment
+    assert fragment.count("   * - ") == 3 + len(report["groups"]) + 1 + len(report["overlap"]["pairs"]) + len(
+        report["update_sparsity"])
+    assert {path.name for path in folder.glob("*.png")} == {"reward_vs_lr.png", "jaccard.png"}
+    page = " ".join((DOCS / "tutorials" / "reproducing.rst").read_text(encoding="utf-8").split())
+    for quoted in re.findall(r"\b0\.\d{3,4}\b", page):
+        assert quoted in fragment, f"the page quotes {quoted}, which the committed report does not show"
+    for quoted in re.findall(r"\b[1-9]\d*\.\d%|\b\d+\.\d\d%", page):  # 23.4% (an accuracy of 0.234), 0.50%
+        as_rate = f"{float(quoted[:-1]) / 100:.3f}"
+        assert quoted in fragment or as_rate in fragment, f"the page quotes {quoted}, which the report does not show"
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    for phrase, value in {"(reward 0.486)": "0.486", "(0.531)": "0.531", "(0.400 ± 0.002)": "0.400 ± 0.002",
+                          "(0.419)": "0.419", "share 0.50% of their entries": "0.50%"}.items():
+        assert phrase in readme and value in fragment, phrase

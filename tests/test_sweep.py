@@ -64,9 +64,24 @@ def test_the_grid_expands_in_order_with_readable_unique_names(world):
     assert names[1:] == ["mask=fisher", "mask=snip"] and names[0].startswith("mask=random-")
 
 
+def test_a_list_of_grids_runs_each_grid_in_order_and_a_shared_point_once(world):
+    full = {"model.mask": [None], "model.learning_rate": [1e-5]}
+    random = {"model.mask": ["random"], "model.learning_rate": [1e-3, 1e-5]}
+    spec = {"config": str(world / "random.yaml"), "out": str(world / "x"), "grid": [random, full, random]}
+    runs = Sweep.load(sweep_file(world, "list", spec)).runs()
+    assert [run.name for run in runs] == ["mask=random,learning_rate=0.001", "mask=random,learning_rate=1e-05",
+                                          "mask=None,learning_rate=1e-05"]
+    assert runs[2].fit_args([]) == ["--model.mask", "null", "--model.learning_rate", "1e-05"]
+    clash = {**spec, "grid": [{"model.learning_rate": [1e-3]}, {"model.learning_rate": ["0.001"]}]}
+    with pytest.raises(ValueError, match="two grids name different runs learning_rate=0.001"):
+        Sweep.load(sweep_file(world, "clash_list", clash)).runs()
+
+
 @pytest.mark.parametrize(("spec", "message"), [
     ({"config": "random.yaml", "out": "o"}, "a sweep file is a mapping with keys config, out and grid"),
     ({"config": "random.yaml", "out": "o", "grid": {}}, "grid must map dotted config keys"),
+    ({"config": "random.yaml", "out": "o", "grid": [{"seed_everything": [1]}, {}]}, "or be a list of such mappings"),
+    ({"config": "random.yaml", "out": "o", "grid": [{"seed_everything": [1]}, {"x y": [1]}]}, "not a dotted config"),
     ({"config": "random.yaml", "out": "o", "grid": {"model.learning rate": [1]}}, "is not a dotted config key"),
     ({"config": "random.yaml", "out": "o", "grid": {"model.learning_rate": []}}, "needs a non-empty list"),
     ({"config": "missing.yaml", "out": "o", "grid": {"seed_everything": [1]}}, "config file not found: missing.yaml"),

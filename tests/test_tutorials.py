@@ -14,7 +14,7 @@ The substitutions, the same for every page (docs/installation.rst, "How the docs
   folder whose ``SmolLM2-135M-Instruct/`` is that model, the folder the first load of the
   embedded model converts the GGUF file into. ``--base embedded``, ``load_model("embedded")``
   and every config's default base therefore resolve to it with no change to the text.
-* ``configs/NAME.yaml`` is the shipped file with the sizes in ``TINY`` put in wherever the file
+* ``configs/**/NAME.yaml`` is the shipped file with the sizes in ``TINY`` put in wherever the file
   sets them (steps, completions, completion length, calibration samples, evaluation prompts);
   a file that sets none of them is copied unchanged.
 * ``HF_DATASETS_CACHE`` is a folder of the page's scratch space, so a page that loads a
@@ -160,8 +160,10 @@ def tiny_world(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         target = cache_dir() / "SmolLM2-135M-Instruct"
         save_tiny_chat_lm(target, seed=3)
         assert Path(resolve_model_path(EMBEDDED)) == target, "the embedded model is not read from the tiny folder"
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
-        (configs / path.name).write_text(shrink(path.read_text(encoding="utf-8")), encoding="utf-8")
+    for path in sorted((ROOT / "configs").rglob("*.yaml")):
+        copy = configs / path.relative_to(ROOT / "configs")
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        copy.write_text(shrink(path.read_text(encoding="utf-8")), encoding="utf-8")
     return cache, configs
 
 
