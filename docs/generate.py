@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mthlib.analysis.plot_run import read_metrics
+from mthlib.analysis.sweep_report import Stat
 from mthlib.analysis.sparsity import PAPER_TOLERANCE
 from mthlib.utils import atomic_write_text
 
@@ -227,15 +229,20 @@ TICKET_METRICS = ("reward", "format", "similarity", "accuracy", "order", "copy")
 
 
 def stat_cell(stat: dict[str, Any] | None) -> str:
-    """A report statistic as ``mean ± sd`` with 3 decimals (the mean alone for one run, ``-`` for none)."""
+    """A ``report.json`` statistic as the report prints it, with 3 decimals (``-`` for none).
+
+    JSON keeps a single run's undefined standard deviation as ``null``.
+    """
     if stat is None:
         return "-"
-    one = stat["n"] < 2 or stat["std"] != stat["std"]
-    return f"{stat['mean']:.3f}" if one else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+    return Stat(stat["mean"], math.nan if stat["std"] is None else stat["std"], stat["n"]).cell(digits=3)
 
 
 def render_tickets_repro(folder: Path) -> str:
-    """The multiple-tickets grid: ``mth report``'s final evaluations, mask overlaps and update sparsity."""
+    """The multiple-tickets grid: ``mth report``'s final evaluations, mask overlaps and update sparsity.
+
+    The base model's row is ``skill_curve``'s ``base_metrics.csv``: the same 64 evaluation prompts, before training.
+    """
     m, report = read_json(folder / "measurement.json"), read_json(folder / "report.json")
     base = read_metrics(DATA / "skill_curve" / "base_metrics.csv")
     rows = [["base model (no training)", "-", *(f"{base[f'val/{key}'][-1][1]:.3f}" for key in TICKET_METRICS)]]

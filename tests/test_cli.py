@@ -127,11 +127,12 @@ def test_every_shipped_config_parses(config, tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("sweep", SHIPPED_SWEEPS, ids=[path.stem for path in SHIPPED_SWEEPS])
 def test_every_shipped_sweep_expands_into_runs_that_parse(sweep, monkeypatch, capsys):
     monkeypatch.chdir(SWEEPS.parents[1])  # a sweep names its configs from the repository root
-    runs = Sweep.load(sweep).runs()
+    parsed = Sweep.load(sweep)
+    runs = parsed.runs()
     assert runs
     for run in runs:
         with pytest.raises(SystemExit) as stop:
-            main(["fit", *run.fit_args(Sweep.load(sweep).configs), "--print_config"])
+            main(["fit", *run.fit_args(parsed.configs), "--print_config"])
         assert not stop.value.code, capsys.readouterr().err[-2000:]
         printed = yaml.safe_load(capsys.readouterr().out)
         assert printed["model"]["learning_rate"] == dict(run.values)["model.learning_rate"]

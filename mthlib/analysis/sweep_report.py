@@ -70,9 +70,9 @@ class Stat:
             return None
         return cls(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values))
 
-    def cell(self) -> str:
-        """``mean ± std`` with 4 decimals (the mean alone for one value)."""
-        return f"{self.mean:.4f}" if math.isnan(self.std) else f"{self.mean:.4f} ± {self.std:.4f}"
+    def cell(self, digits: int = 4) -> str:
+        """``mean ± std`` with ``digits`` decimals (the mean alone for one value)."""
+        return f"{self.mean:.{digits}f}" if math.isnan(self.std) else f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
 
 
 @dataclass
