@@ -3,6 +3,7 @@
 Samples the same GRPO batch (P prompts x G completions of the quickstart's environment) with
 every engine on the embedded model and prints seconds, generated tokens per second and the
 ratio to ``generate``, measured in this run. The first call of each engine is a warm-up.
+``native+bf16`` samples from a bf16 copy of the policy, synced before every batch (timed).
 
     python bench/rollout_engines.py --prompts 2 --generations 8 --max_new_tokens 48
 """
@@ -28,7 +29,8 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=8)
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--engines", default="hf,native", help="comma-separated: hf, native, native+compile")
+    parser.add_argument("--engines", default="hf,native,native+bf16",
+                        help="comma-separated: hf, native, with +compile and/or +bf16 (sample from a bf16 copy)")
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model, args.dtype)
@@ -38,7 +40,9 @@ def main() -> None:
     sampling = SamplingConfig(max_completion_length=args.max_new_tokens, temperature=0.7, top_k=50)
     rows = []
     for name in args.engines.split(","):
-        engine = make_engine(name.split("+")[0], seed=0, compile=name.endswith("+compile"))
+        base, *options = name.split("+")
+        engine = make_engine(base, seed=0, compile="compile" in options,
+                             rollout_dtype="bfloat16" if "bf16" in options else None)
         engine.sample_turn(model, tokenizer, contexts, sampling)  # warm-up (and compilation)
         seconds, tokens = [], []
         for repeat in range(args.repeats):

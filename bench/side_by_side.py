@@ -4,7 +4,7 @@ The project's goals are stated against TRL: a 99%-sparse Fisher run should take 
 quarter of TRL full fine-tuning's time per step (a fifth of TRL with a SHiRA adapter at the
 same ~1% of trainable entries) in at most 15% of its peak memory. This script measures all
 of them in one invocation, on the same model, prompts (the quickstart's alphabet sort, stream
-seed 0, in order), batch (P prompts x G completions), completion length and sampling, fp32,
+seed 0, in order), batch (P prompts x G completions), completion length and sampling, fp32 (``--bf16_mixed``: autocast),
 on-policy (one optimizer step per generation), ``beta=0``, DAPO loss, group-scaled rewards:
 
 * ``trl_full``, ``trl_shira``: ``trl.GRPOTrainer``, full fine-tuning and a PEFT ``ShiraConfig``
@@ -12,7 +12,16 @@ on-policy (one optimizer step per generation), ``beta=0``, DAPO loss, group-scal
 * ``hf_generate``: Hugging Face ``generate`` alone on the same batches (the sampling floor);
 * ``mthlib_dense``, ``mthlib_random99``, ``mthlib_fisher99``: ``mth fit`` on
   ``configs/quickstart.yaml`` (Fisher's mask built first with ``mth masks build``, then
-  trained as a ``file`` mask, so its build is not in the step time).
+  trained as a ``file`` mask, so its build is not in the step time);
+* ``mthlib_mask0``: the dense run through the masking machinery: a random mask of sparsity 0
+  (every maskable entry trained) with its gradient hooks and sparse optimizer; its train time
+  over the dense run's is the masking overhead (the frozen-entry check runs every 50 steps;
+  ``bench/masking.py`` times one check).
+
+``--rollout_dtype bfloat16`` makes the mthlib variants sample from a bf16 copy of the policy
+(the native engine's ``rollout_dtype``; needs ``--rollout_engine native``). ``--bf16_mixed``
+trains every training variant under bf16 autocast with fp32 weights (TRL's ``bf16=True``,
+Lightning's ``precision: bf16-mixed``).
 
 Every variant runs in its own process, so each peak RSS (``os.wait4``) is that variant's
 alone. Times are means over steps 2..N (step 1 warms up). Python children print one JSON
@@ -39,7 +48,7 @@ import yaml
 from mthlib.analysis.plot_run import read_metrics
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
-VARIANTS = ("trl_full", "trl_shira", "hf_generate", "mthlib_dense", "mthlib_random99", "mthlib_fisher99")
+VARIANTS = ("trl_full", "trl_shira", "hf_generate", "mthlib_dense", "mthlib_mask0", "mthlib_random99", "mthlib_fisher99")
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GOALS = [  # (label, numerator, denominator, column, bound; a negative bound is a floor: ratio >= -bound)
     ("fisher99 s/step vs TRL full", "mthlib_fisher99", "trl_full", "step_s", 0.25),
@@ -47,6 +56,7 @@ GOALS = [  # (label, numerator, denominator, column, bound; a negative bound is 
     ("fisher99 peak RSS vs TRL full", "mthlib_fisher99", "trl_full", "rss_gib", 0.15),
     ("random99 train s/step (step minus generation) vs mthlib dense", "mthlib_random99", "mthlib_dense", "train_s", 0.6),
     ("mthlib random99 rollout tokens/s vs HF generate", "mthlib_random99", "hf_generate", "tokens_per_s", -3.0),
+    ("masking overhead: mask0 train s/step vs mthlib dense", "mthlib_mask0", "mthlib_dense", "train_s", 1.03),
 ]
 
 
@@ -96,7 +106,7 @@ def trl_variant(args: argparse.Namespace, shira: bool) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # transformers' own deprecation notice
         config = GRPOConfig(
-            output_dir=scratch.name, report_to=[], use_cpu=True, bf16=False, seed=0,
+            output_dir=scratch.name, report_to=[], use_cpu=True, bf16=args.bf16_mixed, seed=0,
             per_device_train_batch_size=args.prompts * args.generations, gradient_accumulation_steps=1,
             steps_per_generation=1, num_iterations=1,  # on-policy: one optimizer step per generation
             num_generations=args.generations, max_completion_length=args.max_new_tokens,
@@ -194,9 +204,16 @@ def mthlib_variant(variant: str, args: argparse.Namespace, out: Path) -> dict:
                  "--data.batch_size", str(args.prompts), "--model.num_generations", str(args.generations),
                  "--model.max_completion_length", str(args.max_new_tokens), "--model.temperature", str(args.temperature),
                  "--model.top_k", str(args.top_k), "--model.gradient_checkpointing", str(args.gradient_checkpointing).lower(),
-                 "--model.rollout_engine", args.rollout_engine, "--model.learning_rate"]
+                 "--model.rollout_engine", args.rollout_engine]
+    if args.rollout_dtype:
+        overrides += ["--model.rollout_dtype", args.rollout_dtype]
+    if args.bf16_mixed:
+        overrides += ["--trainer.precision", "bf16-mixed"]
+    overrides += ["--model.learning_rate"]
     if variant == "mthlib_dense":
         overrides += [str(args.lr_full), "--model.mask", "null"]
+    elif variant == "mthlib_mask0":
+        overrides += [str(args.lr_full), "--model.mask", "random", "--model.mask.sparsity", "0.0"]
     elif variant == "mthlib_random99":
         overrides += [str(args.lr_sparse), "--model.mask", "random", "--model.mask.sparsity", "0.99"]
     else:  # the mask fit would compute for the same model and data, built once outside the timed run
@@ -264,6 +281,10 @@ def main() -> None:
     parser.add_argument("--gradient_checkpointing", type=lambda s: s.lower() in ("1", "true", "yes"), default=True,
                         help="true/false, for every training variant (the quickstart's: true)")
     parser.add_argument("--rollout_engine", choices=("hf", "native"), default="hf", help="mthlib's --model.rollout_engine")
+    parser.add_argument("--rollout_dtype", choices=("bfloat16",), default=None,
+                        help="mthlib's --model.rollout_dtype (sample from a bf16 copy; native engine)")
+    parser.add_argument("--bf16_mixed", action="store_true",
+                        help="train under bf16 autocast (fp32 weights): TRL's bf16=True, mthlib's --trainer.precision bf16-mixed")
     parser.add_argument("--fisher_samples", type=int, default=64, help="calibration samples of the Fisher mask")
     parser.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants, from: " + ", ".join(VARIANTS))
     parser.add_argument("--out", type=Path, default=None, help="keep run folders here and write side_by_side.json")

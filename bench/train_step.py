@@ -1,7 +1,8 @@
 """Time one variant's GRPO training step on a fixed rollout batch (no generation), in its own process.
 
-Prints one JSON line: seconds per step (mean of the timed steps), trainable entries,
-optimizer-state bytes, peak RSS. ``bench/masking.py`` runs it once per variant so
+Prints one JSON line: seconds per step (mean of the timed steps; the optimizer step's share
+as ``optimizer_s``), one frozen-entry check's seconds (``verify_s``, outside the step), trainable
+entries, optimizer-state bytes, peak RSS. ``bench/masking.py`` runs it once per variant so
 every peak RSS is that variant's own.
 
     python bench/train_step.py --mask random --sparsity 0.99
@@ -69,7 +70,7 @@ def main() -> None:
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids, attention, loss_mask = synthetic_rollout(tokenizer, args.prompts, args.generations, args.completion)
-    mask_seconds = 0.0
+    mask_seconds, state = 0.0, None
     if args.mask == "dense":
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
         trainable = sum(p.numel() for p in model.parameters())
@@ -82,21 +83,28 @@ def main() -> None:
         start = time.perf_counter()
         masks = strategy.compute(model, batches)
         mask_seconds = time.perf_counter() - start
-        optimizer = SparseAdamW(SparseState.capture(model, masks).attach(model), lr=1e-6, weight_decay=0.0)
+        state = SparseState.capture(model, masks).attach(model)
+        optimizer = SparseAdamW(state, lr=1e-6, weight_decay=0.0)
         trainable = masks.total
     advantages = torch.randn(ids.shape[0])
     norm = Normalizer(ids.shape[0], int(loss_mask.sum()), args.completion)
     objective = GRPOObjective(loss_type="dapo", epsilon=0.2)
     model.train()
-    times = []
+    times, optimizer_times, verify_times = [], [], []
     for _ in range(args.steps):
         start = time.perf_counter()
         logps, _ = token_logprobs(model, ids, attention, loss_mask, chunk_size=args.chunk)
         objective.loss(logps, logps.detach(), advantages, loss_mask, norm)[0].backward()
         clip_gradients(model, optimizer, 1.0)
+        before_optimizer = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter() - start)
+        optimizer_times.append(time.perf_counter() - before_optimizer)
+        if state is not None:  # the frozen-entry check a fit runs every verify_every steps, timed on its own
+            before_verify = time.perf_counter()
+            state.verify()
+            verify_times.append(time.perf_counter() - before_verify)
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                 if isinstance(t, torch.Tensor))
     print(json.dumps({
@@ -104,6 +112,8 @@ def main() -> None:
         + (" +ckpt" if args.gradient_checkpointing else "")
         + (f" +mmap {os.environ['MALLOC_MMAP_THRESHOLD_']}" if "MALLOC_MMAP_THRESHOLD_" in os.environ else ""),
         "step_s": sum(times[1:]) / max(len(times) - 1, 1),
+        "optimizer_s": sum(optimizer_times[1:]) / max(len(optimizer_times) - 1, 1),
+        "verify_s": sum(verify_times) / len(verify_times) if verify_times else 0.0,
         "mask_s": mask_seconds,
         "trainable": trainable,
         "optimizer_bytes": state,

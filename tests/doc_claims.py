@@ -57,6 +57,14 @@ def _sweep_reported(folder: Path, output: str) -> None:
         "the sweeps page says two seeds of a learning rate are one group")
 
 
+def _bf16_settings_recorded(folder: Path, output: str) -> None:
+    import yaml
+
+    config = yaml.safe_load((folder / "runs" / "quickstart" / "version_0" / "config.yaml").read_text())
+    assert config["trainer"]["precision"] == "bf16-mixed", "the run's config.yaml records the precision"
+    assert (config["model"]["rollout_engine"], config["model"]["rollout_dtype"]) == ("native", "bfloat16")
+
+
 CLAIMS: dict[str, Callable[[Path, str], None]] = {
     "docs/environments.rst": _dataset_rewards_logged,
     "docs/quickstart.rst": _run_folder_files,
@@ -64,4 +72,5 @@ CLAIMS: dict[str, Callable[[Path, str], None]] = {
     "docs/tutorials/measuring.rst": _reports_written,
     "docs/tutorials/checkpoints.rst": _exports_load_with_transformers,
     "docs/tutorials/sweeps.rst": _sweep_reported,
+    "docs/tutorials/precision.rst": _bf16_settings_recorded,
 }

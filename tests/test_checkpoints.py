@@ -57,6 +57,24 @@ def test_checkpoint_holds_no_dense_weights(tiny_model_dir, tmp_path):
     assert 0 < stored <= 0.11 * dense  # 10% of the entries train at sparsity 0.9
 
 
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_evaluating_a_masked_checkpoint_evaluates_its_trained_weights(tiny_model_dir, tmp_path, stage):
+    """``mth validate --ckpt_path``: the checkpoint holds no dense weights, so its trained entries are written in."""
+    trained, _ = fit(tiny_model_dir, tmp_path, steps=2)
+    module = GRPOModule(model_name_or_path=tiny_model_dir, mask=build_mask("random", sparsity=0.9, seed=1),
+                        max_completion_length=6)
+    base = {name: p.detach().clone() for name, p in module.model.named_parameters()}
+    data = PromptDataModule(env=LetterA("abcdefghij"), batch_size=2, eval_size=2)
+    trainer = pl.Trainer(default_root_dir=tmp_path / stage, logger=False, enable_progress_bar=False)
+    getattr(trainer, stage)(module, datamodule=data, ckpt_path=tmp_path / "ckpt" / "last.ckpt", verbose=False)
+    evaluated = dict(module.model.named_parameters())
+    changed = 0
+    for name, parameter in trained.model.named_parameters():
+        assert torch.equal(evaluated[name], parameter), name
+        changed += int(not torch.equal(parameter, base[name]))
+    assert changed > 0  # training moved entries, and the evaluated model has them
+
+
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_model_dir, tmp_path):
     straight, straight_rewards = fit(tiny_model_dir, tmp_path / "a", steps=4)
     fit(tiny_model_dir, tmp_path / "b", steps=2)

@@ -63,6 +63,7 @@ class GRPOModule(pl.LightningModule):
             G completions, finished rows leave the batch; greedy gives the same tokens) or ``vllm`` (GPU, the
             ``vllm`` extra; sparse weight syncs); see :mod:`mthlib.grpo.engines`.
         compile_rollout: ``torch.compile`` the native engine's decode step.
+        rollout_dtype: The native engine samples from a copy of the policy in this dtype, synced every batch.
         loss_type: ``grpo``, ``dr_grpo``, ``dapo`` (TRL's default), ``bnpo``, ``cispo`` (MiniMax-M1),
             ``sapo`` (soft gate), ``luspo`` (length-unbiased GSPO) or ``vespo`` (gamma-weighted
             sequence ratios); see :func:`~mthlib.grpo.loss.aggregate_loss` and
@@ -123,6 +124,7 @@ class GRPOModule(pl.LightningModule):
         top_k: int = 0,
         rollout_engine: EngineName = "hf",
         compile_rollout: bool = False,
+        rollout_dtype: Literal["float32", "bfloat16"] | None = None,
         loss_type: LossType = "dapo",
         scale_rewards: ScaleRewards = "group",
         epsilon: float = 0.2,
@@ -163,7 +165,7 @@ class GRPOModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["mask"])
         self.hparams["mask"] = mask.config() if mask is not None else None
         self._objective()  # a bad loss option fails here, before the model loads
-        self.engine = make_engine(rollout_engine, torch.initial_seed(), compile_rollout, model_name_or_path, dtype)
+        self.engine = make_engine(rollout_engine, torch.initial_seed(), compile_rollout, model_name_or_path, dtype, rollout_dtype)
         self.guard = NonFiniteGuard(max_bad_steps, divergence_factor)
         self.automatic_optimization = False
         self.model, self.tokenizer = load_model(model_name_or_path, dtype)
@@ -255,6 +257,10 @@ class GRPOModule(pl.LightningModule):
         if datamodule is not None and hasattr(datamodule, "train_stream"):
             datamodule.train_stream.position = self.prompts_seen
         self._restored = saved
+        if saved.trained_values is not None and self._trainer is not None and self.trainer.state.fn != "fit":
+            # validate / test run no fit start: rebuild the mask's state now and write the trained entries in
+            self.mask_callback.load_state_dict(self.mask_callback.check_checkpoint(checkpoint))
+            self.mask_callback.prepare(self.trainer, self).load_trained_values(saved.trained_values)
 
     def check_checkpoint(self, checkpoint: dict[str, Any]) -> resume.ResumeState | None:
         """Refuse a checkpoint of another base or mask setting (one line: the setting, both values); else its
@@ -304,17 +310,9 @@ class GRPOModule(pl.LightningModule):
         """The GRPO loss configured by this module's loss options (the hyperparameters of the same names)."""
         return GRPOObjective(**{option.name: self.hparams[option.name] for option in fields(GRPOObjective)})
 
-    def _optimise(
-        self,
-        objective: GRPOObjective,
-        rollout: Rollout,
-        advantages: torch.Tensor,
-        old_logps: torch.Tensor | None,
-        ref_logps: torch.Tensor | None,
-        norm: Normalizer,
-        stats: dict[str, list[torch.Tensor]],
-        rewards: torch.Tensor,
-    ) -> None:
+    def _optimise(self, objective: GRPOObjective, rollout: Rollout, advantages: torch.Tensor,
+                  old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None, norm: Normalizer,
+                  stats: dict[str, list[torch.Tensor]], rewards: torch.Tensor) -> None:
         """One optimiser step on the whole rollout batch: micro-batch gradients add up to the batch loss's.
 
         ``old_logps`` is ``None`` on-policy (the current log-probabilities, detached, stand in).

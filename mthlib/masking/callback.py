@@ -220,21 +220,20 @@ class MaskCallback(Callback):
         if trainer.state.fn == "fit":
             self.check_checkpoint(checkpoint)
 
-    def check_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint whose mask state is missing, of another strategy configuration or ``reinit`` setting.
+    def check_checkpoint(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """The checkpoint's saved state of this callback; refused if missing, of another strategy configuration or ``reinit``.
 
         Raises:
             ValueError: One line naming the first differing argument and both values.
         """
         states = checkpoint.get("callbacks") or {}
-        if self.state_key in states:
-            self._check_config(states[self.state_key])
-            return
-        found = [state for key, state in states.items() if str(key).startswith(type(self).__qualname__)]
+        found = [states[self.state_key]] if self.state_key in states else [
+            state for key, state in states.items() if str(key).startswith(type(self).__qualname__)]
         if not found:
             here = self.strategy.name or type(self.strategy).__name__
             raise ValueError(f"resume: model.mask is {here} here but null in the checkpoint (trained without a mask)")
         self._check_config(found[0])
+        return found[0]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keep the state saved by :meth:`state_dict` for :meth:`prepare`; refuses another strategy config.

@@ -1,12 +1,18 @@
 """Rollout engines: the native decode loop against Hugging Face ``generate`` on a tiny model."""
 
+import copy
+
 import pytest
 import torch
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from mthlib.envs.base import Episode
-from mthlib.grpo.engines import HFEngine, NativeEngine, SamplingConfig, make_engine, next_token_scores, prefill
+from mthlib.grpo.engines import (
+    HFEngine, NativeEngine, PreallocatedLayer, SamplingConfig, make_engine, next_token_scores, prefill,
+)
 from mthlib.grpo.rollout import generate_rollout
+from mthlib.models import load_model
 from tests.conftest import make_tiny_chat_lm
 
 
@@ -68,6 +74,25 @@ def test_shared_prefix_kv_gives_the_logits_of_a_separate_prefill_per_completion(
         assert torch.allclose(outs[0], outs[1], atol=1e-5)
         tokens = outs[0].argmax(dim=-1)
     assert shared[1].get_seq_length() == separate[1].get_seq_length()
+
+
+def test_the_preallocated_cache_holds_what_a_dynamic_cache_holds():
+    """Prefill, decode steps past the planned capacity (the buffer grows), rows leaving: same keys and values."""
+    generator = torch.Generator().manual_seed(0)
+    ours, reference = PreallocatedLayer(capacity=5), DynamicLayer()
+    chunks = [3, 1, 1, 1, 1, 1]  # a 3-token prefill, then single tokens up to 8 > capacity 5
+    batch = 4
+    for step, length in enumerate(chunks):
+        if step == 3:  # rows 1 and 3 finish
+            index = torch.tensor([0, 2])
+            ours.batch_select_indices(index)
+            reference.batch_select_indices(index)
+            batch = 2
+        keys, values = (torch.randn(batch, 2, length, 8, generator=generator) for _ in range(2))
+        got, expected = ours.update(keys, values), reference.update(keys, values)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        assert ours.get_seq_length() == reference.get_seq_length()
+    assert ours.get_seq_length() == 8
 
 
 @pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.7, 0, 1.0), (1.0, 5, 1.0), (0.7, 50, 0.9), (1.3, 0, 0.5)])
@@ -133,6 +158,34 @@ def test_stop_strings_end_rows_in_both_engines():
     assert native[0] == (free[0][0][:4], False)
 
 
+def test_a_bf16_copy_samples_what_the_policy_loaded_in_bf16_samples(tmp_path):
+    model, tok = varied_lm(5)
+    contexts = contexts_of(tok, ["Sort: b, a", "a much longer prompt"], repeat=2)
+    greedy = SamplingConfig(max_completion_length=10, greedy=True)
+    engine = NativeEngine(dtype="bfloat16")
+    batches = []
+    for change in range(2):  # the copy follows the policy's weights from one batch to the next
+        if change:
+            with torch.no_grad():
+                model.model.layers[0].mlp.down_proj.weight.mul_(-3)
+        model.save_pretrained(tmp_path / str(change))
+        tok.save_pretrained(tmp_path / str(change))
+        in_bf16, _ = load_model(str(tmp_path / str(change)), "bfloat16")
+        batches.append(engine.sample_turn(model, tok, contexts, greedy))
+        assert batches[-1] == NativeEngine().sample_turn(in_bf16, tok, contexts, greedy)
+        for (name, ours), theirs in zip(engine.policy_copy(model).named_parameters(), in_bf16.parameters()):
+            assert ours.dtype == torch.bfloat16 and torch.equal(ours, theirs), name
+    assert batches[0] != batches[1]  # the change shows in the samples: a stale copy would fail above
+    assert model.dtype == torch.float32  # the policy itself is untouched
+
+
+def test_rollout_dtype_is_checked():
+    with pytest.raises(ValueError, match="rollout_dtype 'bfloat16' needs rollout_engine native"):
+        make_engine("hf", rollout_dtype="bfloat16")
+    with pytest.raises(ValueError, match="unknown rollout dtype 'int8'; allowed: float32, bfloat16, float16"):
+        NativeEngine(dtype="int8")
+
+
 def test_rollouts_through_either_engine_agree_when_greedy():
     model, tok = varied_lm(1)
     episodes = [Episode(user_turns=("ab", "cd"), answer=None)] * 2 + [Episode(user_turns=("e",), answer=None)]
@@ -152,7 +205,6 @@ def test_unknown_engine_is_refused():
 def test_greedy_native_equals_generate_on_the_embedded_model():
     from mthlib.envs import AlphabetSort
     from mthlib.grpo.rollout import prompt_tokens
-    from mthlib.models import load_model
 
     model, tok = load_model("embedded")
     episodes = AlphabetSort(min_turns=1, max_turns=1, max_names_per_turn=3).evaluation_episodes(2001, 8)

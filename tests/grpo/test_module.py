@@ -13,6 +13,7 @@ from mthlib.grpo import GRPOModule
 from mthlib.grpo.loss import Normalizer, group_advantages
 from mthlib.grpo.objective import GRPOObjective
 from mthlib.grpo.rollout import generate_rollout
+from mthlib.masking import build_mask
 from tests.conftest import make_tiny_chat_lm, save_tiny_chat_lm
 from tests.grpo.toy import LetterA, RewardLog
 
@@ -22,14 +23,14 @@ def tiny_model_dir(tmp_path):
     return save_tiny_chat_lm(tmp_path / "tiny", seed=3)
 
 
-def fit(model_dir, tmp_path, steps, env=None, module_class=GRPOModule, **options):
+def fit(model_dir, tmp_path, steps, env=None, module_class=GRPOModule, precision="32-true", **options):
     pl.seed_everything(0)
     module = module_class(model_name_or_path=model_dir, **options)
     data = PromptDataModule(env=env or LetterA(), batch_size=4, eval_size=4, eval_batch_size=4)
     log = RewardLog()
     trainer = pl.Trainer(
         max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        callbacks=[log], num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path,
+        callbacks=[log], num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path, precision=precision,
     )
     trainer.fit(module, datamodule=data)
     return module, log.rewards
@@ -259,6 +260,34 @@ def test_the_native_rollout_engine_learns_and_evaluates_as_generate_does(tiny_mo
         other.model.load_state_dict(module.model.state_dict())
         replies[engine] = generate_rollout(other.model, other.tokenizer, episodes, other.eval_sampling, other.engine).replies
     assert replies["hf"] == replies["native"]
+
+
+def test_sampling_from_a_bf16_copy_learns_while_the_policy_trains_in_fp32(tiny_model_dir, tmp_path):
+    module, rewards = fit(
+        tiny_model_dir, tmp_path, steps=30, learning_rate=3e-2, num_generations=8,
+        max_completion_length=8, micro_batch_size=16, rollout_engine="native", rollout_dtype="bfloat16",
+    )
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2, rewards
+    sampler = module.engine.policy_copy(module.model)
+    assert module.model.dtype == torch.float32 and sampler.dtype == torch.bfloat16
+    trained = module.model.get_parameter("model.layers.0.mlp.down_proj.weight")
+    assert torch.equal(sampler.get_parameter("model.layers.0.mlp.down_proj.weight"), trained.to(torch.bfloat16))
+
+
+def test_bf16_mixed_precision_trains_a_masked_run_in_fp32_weights_with_frozen_entries_intact(tiny_model_dir, tmp_path):
+    options = dict(mask=build_mask("random", sparsity=0.9, seed=1), learning_rate=3e-2, num_generations=8,
+                   max_completion_length=8, micro_batch_size=16, verify_every=1)  # frozen entries checked bitwise every step
+    mixed, rewards = fit(tiny_model_dir, tmp_path / "mixed", steps=30, precision="bf16-mixed", **options)
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2, rewards
+    assert all(p.dtype == torch.float32 for p in mixed.model.parameters())
+    full, _ = fit(tiny_model_dir, tmp_path / "full", steps=30, **options)
+    weight = "model.layers.0.mlp.down_proj.weight"  # autocast was on: the runs differ
+    assert not torch.equal(mixed.model.get_parameter(weight), full.model.get_parameter(weight))
+
+
+def test_a_rollout_dtype_without_the_native_engine_is_refused_before_the_model_loads(tmp_path):
+    with pytest.raises(ValueError, match="rollout_dtype 'bfloat16' needs rollout_engine native"):
+        GRPOModule(model_name_or_path=str(tmp_path / "never_loaded"), rollout_dtype="bfloat16")
 
 
 def test_an_unknown_rollout_engine_is_refused_before_the_model_loads(tmp_path):
