@@ -4,8 +4,9 @@ The project's goals are stated against TRL: a 99%-sparse Fisher run should take 
 quarter of TRL full fine-tuning's time per step (a fifth of TRL with a SHiRA adapter at the
 same ~1% of trainable entries) in at most 15% of its peak memory. This script measures all
 of them in one invocation, on the same model, prompts (the quickstart's alphabet sort, stream
-seed 0, in order), batch (P prompts x G completions), completion length and sampling, fp32 (``--bf16_mixed``: autocast),
-on-policy (one optimizer step per generation), ``beta=0``, DAPO loss, group-scaled rewards:
+seed 0, in order), batch (P prompts x G completions), completion length and sampling, fp32
+(``--bf16_mixed``: autocast), on-policy (one optimizer step per generation), ``beta=0``, DAPO
+loss, group-scaled rewards:
 
 * ``trl_full``, ``trl_shira``: ``trl.GRPOTrainer``, full fine-tuning and a PEFT ``ShiraConfig``
   adapter on every attention and MLP projection (``r`` chosen for ~1% of their entries);
