@@ -43,11 +43,13 @@ def main() -> None:
         base, *options = name.split("+")
         engine = make_engine(base, seed=0, compile="compile" in options,
                              rollout_dtype="bfloat16" if "bf16" in options else None)
+        engine.load_weights(model, None)
         engine.sample_turn(model, tokenizer, contexts, sampling)  # warm-up (and compilation)
         seconds, tokens = [], []
         for repeat in range(args.repeats):
             torch.manual_seed(repeat)
             start = time.perf_counter()
+            engine.load_weights(model, None)  # a bf16 copy's sync is part of each batch's time
             out = engine.sample_turn(model, tokenizer, contexts, sampling)
             seconds.append(time.perf_counter() - start)
             tokens.append(sum(len(row) for row, _ in out))

@@ -27,6 +27,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from mthlib.grpo.padding import attention_rows, pad_rows
 from mthlib.masking import SparseState
 from mthlib.models import DTYPES
+from mthlib.weight_sync import SparseUpdateReceiver, SparseWeightSync
 
 EngineName = Literal["hf", "native", "vllm"]
 
@@ -200,6 +201,31 @@ def prefill(
     return out.logits[source, -1], cache, mask[source], positions[source, -1]
 
 
+class PolicyCopy(SparseUpdateReceiver):
+    """A copy of a policy in another dtype, kept equal to it (rounded) through :mod:`mthlib.weight_sync`.
+
+    A dense run, or the first load of a masked one, copies every weight; later loads of a
+    masked run apply the :class:`~mthlib.weight_sync.SparseUpdate` of its active entries only
+    (and the base values of entries a mask update dropped).
+    """
+
+    def __init__(self, policy: PreTrainedModel, dtype: torch.dtype) -> None:
+        self.policy = policy
+        self.model = AutoModelForCausalLM.from_config(policy.config, dtype=dtype).to(policy.device).eval()
+        self.sync: SparseWeightSync | None = None
+
+    @torch.no_grad()
+    def load(self, state: SparseState | None) -> None:
+        """Make the copy hold the policy's current weights, rounded to its dtype."""
+        if state is None or self.sync is None or self.sync.state is not state:
+            sources = dict(self.policy.named_parameters())
+            for name, parameter in self.model.named_parameters():
+                parameter.copy_(sources[name])
+            self.sync = None if state is None else SparseWeightSync(state)
+        if self.sync is not None:
+            self.apply_sparse_update(self.sync.update())
+
+
 class NativeEngine(RolloutEngine):
     """A decode loop over the model's forward with one prefill per distinct context.
 
@@ -207,10 +233,11 @@ class NativeEngine(RolloutEngine):
         seed: Seed of the sampling generator; two engines with the same seed draw the same
             tokens for the same model and contexts.
         compile: Wrap the forward of the decode steps in ``torch.compile``.
-        dtype: Sample from a copy of the policy in this dtype (``None``: the policy itself). The
-            copy is built once and takes the policy's current weights, rounded, before every
-            batch: a ``bfloat16`` copy of an fp32 policy decodes faster on hardware with bf16
-            matmuls while the loss still scores the samples in fp32.
+        dtype: Sample from a :class:`PolicyCopy` of the policy in this dtype (``None``: the policy
+            itself), brought to the policy's current weights, rounded, by :meth:`load_weights`
+            before every batch (a masked run syncs its active entries only): a ``bfloat16``
+            copy of an fp32 policy decodes faster on hardware with bf16 matmuls while the loss
+            still scores the samples in fp32.
     """
 
     def __init__(self, seed: int = 0, compile: bool = False, dtype: str | None = None) -> None:
@@ -221,21 +248,24 @@ class NativeEngine(RolloutEngine):
         self.dtype = dtype
         self.generator = torch.Generator().manual_seed(seed)
         self._compiled: tuple[PreTrainedModel, Callable] | None = None
-        self._copy: tuple[PreTrainedModel, PreTrainedModel] | None = None  # (policy, its copy in dtype)
+        self._copy: PolicyCopy | None = None
+
+    def load_weights(self, model: PreTrainedModel, state: SparseState | None) -> None:
+        """Bring the copy in :attr:`dtype` (built on first use) to ``model``'s weights: nothing without a dtype."""
+        if self.dtype is None or model.dtype == DTYPES[self.dtype]:
+            return
+        if self._copy is None or self._copy.policy is not model:
+            self._copy = PolicyCopy(model, DTYPES[self.dtype])
+        self._copy.load(state)
 
     def policy_copy(self, model: PreTrainedModel) -> PreTrainedModel:
-        """What samples ``model``'s turns: ``model`` itself, or its copy in :attr:`dtype`, refreshed now from
-        ``model``'s current weights (built on the first call for ``model``)."""
+        """What samples ``model``'s turns: ``model`` itself, or its copy in :attr:`dtype` as of :meth:`load_weights`."""
         if self.dtype is None or model.dtype == DTYPES[self.dtype]:
             return model
-        if self._copy is None or self._copy[0] is not model:
-            copy = AutoModelForCausalLM.from_config(model.config, dtype=DTYPES[self.dtype]).to(model.device).eval()
-            self._copy = (model, copy)
-        sources = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, parameter in self._copy[1].named_parameters():
-                parameter.copy_(sources[name])
-        return self._copy[1]
+        if self._copy is None or self._copy.policy is not model:
+            raise RuntimeError("NativeEngine.load_weights(model, state) must run before sampling from a copy in "
+                               f"{self.dtype}")
+        return self._copy.model
 
     def _decode_forward(self, model: PreTrainedModel) -> Callable:
         """The model's forward for decode steps: compiled once per model when :attr:`compile` is set."""

@@ -12,6 +12,7 @@ from mthlib.grpo.engines import (
     HFEngine, NativeEngine, PreallocatedLayer, SamplingConfig, make_engine, next_token_scores, prefill,
 )
 from mthlib.grpo.rollout import generate_rollout
+from mthlib.masking import SparseState, build_mask
 from mthlib.models import load_model
 from tests.conftest import make_tiny_chat_lm
 
@@ -171,12 +172,27 @@ def test_a_bf16_copy_samples_what_the_policy_loaded_in_bf16_samples(tmp_path):
         model.save_pretrained(tmp_path / str(change))
         tok.save_pretrained(tmp_path / str(change))
         in_bf16, _ = load_model(str(tmp_path / str(change)), "bfloat16")
+        engine.load_weights(model, None)
         batches.append(engine.sample_turn(model, tok, contexts, greedy))
         assert batches[-1] == NativeEngine().sample_turn(in_bf16, tok, contexts, greedy)
         for (name, ours), theirs in zip(engine.policy_copy(model).named_parameters(), in_bf16.parameters()):
             assert ours.dtype == torch.bfloat16 and torch.equal(ours, theirs), name
     assert batches[0] != batches[1]  # the change shows in the samples: a stale copy would fail above
     assert model.dtype == torch.float32  # the policy itself is untouched
+
+
+def test_a_masked_runs_bf16_copy_follows_its_active_entries_through_sparse_updates():
+    model, _ = varied_lm(6)
+    state = SparseState.capture(model, build_mask("random", sparsity=0.9, seed=0).compute(model, None)).attach(model)
+    engine = NativeEngine(dtype="bfloat16")
+    for step in range(3):  # the first load copies every weight, the next ones the active entries only
+        if step:
+            with torch.no_grad():
+                state.load_trained_values({name: values + 0.5 for name, values in state.trained_values().items()})
+        engine.load_weights(model, state)
+        for name, parameter in engine.policy_copy(model).named_parameters():
+            assert torch.equal(parameter, model.get_parameter(name).to(torch.bfloat16)), (step, name)
+    assert engine._copy.sync.bytes_sent > 0
 
 
 def test_rollout_dtype_is_checked():
