@@ -22,7 +22,9 @@ loss, group-scaled rewards:
 ``--rollout_dtype bfloat16`` makes the mthlib variants sample from a bf16 copy of the policy
 (the native engine's ``rollout_dtype``; needs ``--rollout_engine native``). ``--bf16_mixed``
 trains every training variant under bf16 autocast with fp32 weights (TRL's ``bf16=True``,
-Lightning's ``precision: bf16-mixed``).
+Lightning's ``precision: bf16-mixed``). ``--mthlib_dtype bfloat16`` gives the mthlib variants
+bf16 weights instead (``--model.dtype``; a masked run keeps fp32 master values of its active
+entries, a dense one updates the bf16 weights directly).
 
 Every variant runs in its own process, so each peak RSS (``os.wait4``) is that variant's
 alone. Times are means over steps 2..N (step 1 warms up). Python children print one JSON
@@ -210,7 +212,7 @@ def mthlib_variant(variant: str, args: argparse.Namespace, out: Path) -> dict:
         overrides += ["--model.rollout_dtype", args.rollout_dtype]
     if args.bf16_mixed:
         overrides += ["--trainer.precision", "bf16-mixed"]
-    overrides += ["--model.learning_rate"]
+    overrides += ["--model.dtype", args.mthlib_dtype, "--model.learning_rate"]
     if variant == "mthlib_dense":
         overrides += [str(args.lr_full), "--model.mask", "null"]
     elif variant == "mthlib_mask0":
@@ -284,6 +286,9 @@ def main() -> None:
     parser.add_argument("--rollout_engine", choices=("hf", "native"), default="hf", help="mthlib's --model.rollout_engine")
     parser.add_argument("--rollout_dtype", choices=("bfloat16",), default=None,
                         help="mthlib's --model.rollout_dtype (sample from a bf16 copy; native engine)")
+    parser.add_argument("--mthlib_dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="mthlib's --model.dtype: bfloat16 keeps bf16 weights (a masked run updates fp32 master "
+                             "values of its active entries) and the native engine samples from the policy itself")
     parser.add_argument("--bf16_mixed", action="store_true",
                         help="train under bf16 autocast (fp32 weights): TRL's bf16=True, mthlib's --trainer.precision bf16-mixed")
     parser.add_argument("--fisher_samples", type=int, default=64, help="calibration samples of the Fisher mask")

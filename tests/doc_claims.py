@@ -13,12 +13,17 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import yaml
+
 
 def _run_folder_files(folder: Path, output: str) -> None:
     run = folder / "runs" / "quickstart" / "version_0"
     for name in ("config.yaml", "hparams.yaml", "metrics.csv", "checkpoints/last.ckpt", "deltas/last.safetensors"):
         assert (run / name).is_file(), f"the quickstart page lists {name} in the run folder"
     assert (folder / "runs" / "quickstart" / "version_1").is_dir(), "a second run of the config is version_1"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    settings = (config["model"]["rollout_engine"], config["model"]["rollout_dtype"], config["trainer"]["precision"])
+    assert settings == ("native", "bfloat16", "bf16-mixed"), "README: the quickstart samples from a bf16 copy, bf16-mixed"
 
 
 def _strategy_listed(folder: Path, output: str) -> None:
@@ -57,12 +62,10 @@ def _sweep_reported(folder: Path, output: str) -> None:
         "the sweeps page says two seeds of a learning rate are one group")
 
 
-def _bf16_settings_recorded(folder: Path, output: str) -> None:
-    import yaml
-
+def _fp32_settings_recorded(folder: Path, output: str) -> None:
     config = yaml.safe_load((folder / "runs" / "quickstart" / "version_0" / "config.yaml").read_text())
-    assert config["trainer"]["precision"] == "bf16-mixed", "the run's config.yaml records the precision"
-    assert (config["model"]["rollout_engine"], config["model"]["rollout_dtype"]) == ("native", "bfloat16")
+    assert config["trainer"]["precision"] == "32-true", "the fp32 command overrides the quickstart's bf16-mixed"
+    assert (config["model"]["rollout_engine"], config["model"]["rollout_dtype"]) == ("hf", None)
 
 
 CLAIMS: dict[str, Callable[[Path, str], None]] = {
@@ -72,5 +75,5 @@ CLAIMS: dict[str, Callable[[Path, str], None]] = {
     "docs/tutorials/measuring.rst": _reports_written,
     "docs/tutorials/checkpoints.rst": _exports_load_with_transformers,
     "docs/tutorials/sweeps.rst": _sweep_reported,
-    "docs/tutorials/precision.rst": _bf16_settings_recorded,
+    "docs/tutorials/precision.rst": _fp32_settings_recorded,
 }

@@ -18,12 +18,12 @@ def tiny_model_dir(tmp_path):
     return save_tiny_chat_lm(tmp_path / "tiny", seed=5)
 
 
-def fit(model_dir, root, steps, ckpt_path=None, every=2):
+def fit(model_dir, root, steps, ckpt_path=None, every=2, **options):
     pl.seed_everything(0)
     module = GRPOModule(
         model_name_or_path=model_dir, mask=build_mask("random", sparsity=0.9, seed=1), learning_rate=1e-2,
         weight_decay=0.1, num_generations=4, max_completion_length=6, micro_batch_size=3,
-        delta_every_n_steps=every, delta_keep_last=2,
+        delta_every_n_steps=every, delta_keep_last=2, **options,
     )
     data = PromptDataModule(env=LetterA("abcdefghij"), batch_size=2, eval_size=2)
     rewards = RewardLog()
@@ -75,10 +75,14 @@ def test_evaluating_a_masked_checkpoint_evaluates_its_trained_weights(tiny_model
     assert changed > 0  # training moved entries, and the evaluated model has them
 
 
-def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_model_dir, tmp_path):
-    straight, straight_rewards = fit(tiny_model_dir, tmp_path / "a", steps=4)
-    fit(tiny_model_dir, tmp_path / "b", steps=2)
-    resumed, resumed_rewards = fit(tiny_model_dir, tmp_path / "b", steps=4, ckpt_path=tmp_path / "b" / "ckpt" / "last.ckpt")
+@pytest.mark.parametrize("engine", [{}, {"rollout_engine": "native"}, {"rollout_engine": "native", "rollout_dtype": "bfloat16"}],
+                         ids=["hf", "native", "native-bf16-copy"])
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny_model_dir, tmp_path, engine):
+    """The native engine draws from its own generator: the checkpoint carries its state too."""
+    straight, straight_rewards = fit(tiny_model_dir, tmp_path / "a", steps=4, **engine)
+    fit(tiny_model_dir, tmp_path / "b", steps=2, **engine)
+    resumed, resumed_rewards = fit(tiny_model_dir, tmp_path / "b", steps=4, ckpt_path=tmp_path / "b" / "ckpt" / "last.ckpt",
+                                   **engine)
     for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(p, q), name
     assert resumed_rewards == straight_rewards[2:]

@@ -68,6 +68,13 @@ class RolloutEngine(abc.ABC):
         (vLLM) syncs them here, only ``state``'s active entries when the run is masked.
         """
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The engine's own random state, saved in checkpoints so a resumed run samples as an uninterrupted one."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`state_dict`."""
+
     @abc.abstractmethod
     def sample_turn(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, contexts: list[list[int]],
@@ -121,6 +128,19 @@ def next_token_scores(logits: torch.Tensor, sampling: SamplingConfig) -> torch.T
         drop[:, -1] = False  # always keep the most likely token
         scores = scores.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return scores
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of ``probs`` ``(B, V)``, drawn with ``generator`` by inverting the cumulative sum.
+
+    The same distribution as ``torch.multinomial(probs, 1)``, an order of magnitude faster on a CPU
+    at a vocabulary of ~50k (0.5 ms against 19 ms for 16 rows): a decode step's matrix products
+    take ~60 ms. Zero-probability tokens (removed by top-k / top-p) are never drawn.
+    """
+    cumulative = probs.cumsum(dim=-1)
+    uniform = torch.rand(probs.shape[0], 1, generator=generator, dtype=probs.dtype).to(probs.device)
+    picked = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)
+    return picked.squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -250,6 +270,12 @@ class NativeEngine(RolloutEngine):
         self._compiled: tuple[PreTrainedModel, Callable] | None = None
         self._copy: PolicyCopy | None = None
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["generator"])
+
     def load_weights(self, model: PreTrainedModel, state: SparseState | None) -> None:
         """Bring the copy in :attr:`dtype` (built on first use) to ``model``'s weights: nothing without a dtype."""
         if self.dtype is None or model.dtype == DTYPES[self.dtype]:
@@ -279,7 +305,7 @@ class NativeEngine(RolloutEngine):
         if sampling.greedy:
             return logits.argmax(dim=-1)
         probs = next_token_scores(logits.float(), sampling).softmax(dim=-1)
-        return torch.multinomial(probs.cpu(), 1, generator=self.generator).squeeze(1).to(logits.device)
+        return draw(probs, self.generator)
 
     @torch.no_grad()
     def sample_turn(self, model, tokenizer, contexts, sampling):

@@ -230,7 +230,7 @@ class GRPOModule(pl.LightningModule):
 
     def on_train_batch_start(self, batch: list[Episode], batch_idx: int) -> None:
         if self._restored is not None:  # after on_fit_start and the data module's set-up, just before sampling
-            resume.restore_rng(self._restored.rng, self.device)
+            resume.restore_rng(self._restored.rng, self.device, self.engine)
             self._restored = None
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -240,8 +240,8 @@ class GRPOModule(pl.LightningModule):
         if state is not None:
             checkpoint["state_dict"] = {}
         checkpoint[resume.KEY] = resume.ResumeState(
-            self.prompts_seen, self.guard.state_dict(), resume.capture_rng(self.device), self.hparams.model_name_or_path,
-            self.base_fingerprint, None if state is None else state.trained_values(),
+            self.prompts_seen, self.guard.state_dict(), resume.capture_rng(self.device, self.engine),
+            self.hparams.model_name_or_path, self.base_fingerprint, None if state is None else state.trained_values(),
         ).to_checkpoint()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -2,8 +2,9 @@
 
 :class:`~mthlib.grpo.GRPOModule` saves a :class:`ResumeState` under the checkpoint's ``"mthlib"``
 key: where the prompt stream stands, the non-finite guard's counters, every random generator the
-step uses (CPU, Python and, on a GPU, CUDA, so a resumed run samples what an uninterrupted one
-would), which base it trained, and, for a masked run, the trained entries instead of dense weights.
+step uses (CPU, Python, the rollout engine's own and, on a GPU, CUDA, so a resumed run samples
+what an uninterrupted one would), which base it trained, and, for a masked run, the trained
+entries instead of dense weights.
 """
 
 from __future__ import annotations
@@ -15,24 +16,30 @@ from typing import Any
 
 import torch
 
+from mthlib.grpo.engines import RolloutEngine
 from mthlib.masking import MaskStrategy
 
 KEY = "mthlib"
 """The checkpoint entry that holds a :class:`ResumeState`."""
 
 
-def capture_rng(device: torch.device) -> dict[str, Any]:
-    """The state of the CPU, Python and (on a GPU) the device's CUDA random generators."""
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+def capture_rng(device: torch.device, engine: RolloutEngine) -> dict[str, Any]:
+    """The state of the CPU, Python, (on a GPU) the device's CUDA and the rollout engine's random generators."""
+    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "engine": engine.state_dict()}
     if device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(device)
     return rng
 
 
-def restore_rng(rng: Mapping[str, Any], device: torch.device) -> None:
-    """Put back the generators :func:`capture_rng` saved (CUDA only when it was saved and this run is on a GPU)."""
+def restore_rng(rng: Mapping[str, Any], device: torch.device, engine: RolloutEngine) -> None:
+    """Put back the generators :func:`capture_rng` saved (CUDA only when it was saved and this run is on a GPU).
+
+    A checkpoint saved before the engine's state was part of it leaves the engine as it is.
+    """
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
+    if rng.get("engine"):
+        engine.load_state_dict(rng["engine"])
     if "cuda" in rng and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], device)
 

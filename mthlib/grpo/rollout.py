@@ -137,9 +137,9 @@ def generate_rollout(
 
 
 def _chunk_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float
+    hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = (hidden @ weight.t()).float() / temperature
+    logits = head(hidden).float() / temperature
     logz = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
     with torch.no_grad():
@@ -179,10 +179,10 @@ def token_logprobs(
     wanted = loss_mask[:, 1:].bool()
     states = hidden[:, :-1][wanted]
     targets = input_ids[:, 1:][wanted]
-    weight = model.get_output_embeddings().weight
+    head = model.get_output_embeddings()  # the module, so a masked head computes its active entries' gradient only
     pieces, entropies = [], []
     for start in range(0, states.shape[0], chunk_size):
-        args = (states[start:start + chunk_size], weight, targets[start:start + chunk_size], temperature)
+        args = (states[start:start + chunk_size], head, targets[start:start + chunk_size], temperature)
         if torch.is_grad_enabled():
             picked, entropy = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
         else:

@@ -9,7 +9,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from mthlib.envs.base import Episode
 from mthlib.grpo.engines import (
-    HFEngine, NativeEngine, PreallocatedLayer, SamplingConfig, make_engine, next_token_scores, prefill,
+    HFEngine, NativeEngine, PreallocatedLayer, SamplingConfig, draw, make_engine, next_token_scores, prefill,
 )
 from mthlib.grpo.rollout import generate_rollout
 from mthlib.masking import SparseState, build_mask
@@ -109,6 +109,17 @@ def test_sampling_filters_match_generates_warpers(temperature, top_k, top_p):
     assert torch.allclose(ours[~torch.isinf(ours)], expected[~torch.isinf(expected)])
 
 
+def test_draw_samples_each_row_from_its_distribution_and_never_a_removed_token():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 1.0], [0.9, 0.0, 0.1, 0.0, 0.0, 0.0]])
+    generator = torch.Generator().manual_seed(1)
+    draws = torch.stack([draw(probs, generator) for _ in range(4000)])
+    assert draws.shape == (4000, 3)
+    frequencies = torch.stack([torch.bincount(draws[:, row], minlength=6).float() / len(draws) for row in range(3)])
+    assert frequencies[probs == 0].sum() == 0  # removed tokens, first and last included, are never drawn
+    assert (frequencies - probs).abs().max() < 0.03
+    assert torch.equal(draw(probs, torch.Generator().manual_seed(7)), draw(probs, torch.Generator().manual_seed(7)))
+
+
 def test_native_sampling_is_reproducible_by_seed():
     model, tok = varied_lm(4)
     contexts = contexts_of(tok, ["abc", "de"], repeat=4)
@@ -200,6 +211,9 @@ def test_rollout_dtype_is_checked():
         make_engine("hf", rollout_dtype="bfloat16")
     with pytest.raises(ValueError, match="unknown rollout dtype 'int8'; allowed: float32, bfloat16, float16"):
         NativeEngine(dtype="int8")
+    model, tok = varied_lm(2)
+    with pytest.raises(RuntimeError, match=r"load_weights\(model, state\) must run before sampling from a copy"):
+        NativeEngine(dtype="bfloat16").sample_turn(model, tok, contexts_of(tok, ["ab"], 1), SamplingConfig(greedy=True))
 
 
 def test_rollouts_through_either_engine_agree_when_greedy():

@@ -118,3 +118,26 @@ def test_every_masked_matrix_gets_its_gradient_at_the_active_entries_tied_head_i
             torch.testing.assert_close(values, dense[name].grad.reshape(-1)[masks[name]].float(), msg=name)
         assert set(state.gradients.buffers) == set(masks.names)
         assert (not tie) or "model.embed_tokens.weight" in masks.names
+
+
+def test_grpo_log_probabilities_give_a_masked_lm_head_its_gradient_at_the_active_entries_only():
+    """``token_logprobs`` runs the output projection through the head module, so a masked head's
+    weight gradient is the sampled product at its active entries (a sparse gradient), equal to
+    the dense gradient there, instead of a dense vocabulary-by-hidden product."""
+    from mthlib.grpo.rollout import token_logprobs
+
+    sparse_model, dense_model = make_tiny_lm(seed=4, tie=False), make_tiny_lm(seed=4, tie=False)
+    masks = _random_masks(sparse_model)
+    state = attached(sparse_model, masks)
+    head_gradients = []
+    sparse_model.lm_head.weight.register_hook(lambda grad: head_gradients.append(grad.is_sparse))
+    ids = torch.randint(3, 64, (3, 8), generator=torch.Generator().manual_seed(1))
+    attention, loss_mask = torch.ones_like(ids), torch.zeros_like(ids)
+    loss_mask[:, 4:] = 1
+    for model in (sparse_model, dense_model):
+        logps, _ = token_logprobs(model, ids, attention, loss_mask, temperature=0.7, chunk_size=5)
+        logps.sum().backward()
+    assert head_gradients == [True]  # the three chunks (5, 5, 2 of the 12 loss tokens) summed, still sparse
+    dense = dict(dense_model.named_parameters())
+    for name, values in state.gradients.buffers.items():
+        torch.testing.assert_close(values, dense[name].grad.reshape(-1)[masks[name]].float(), msg=name)
