@@ -222,7 +222,7 @@ def mthlib_variant(variant: str, args: argparse.Namespace, out: Path) -> dict:
     else:  # the mask fit would compute for the same model and data, built once outside the timed run
         mask = out / "fisher99.safetensors"
         overlay = out / "fisher99_build.yaml"
-        overlay.write_text(yaml.safe_dump({"model": {"model_name_or_path": args.model, "mask": {
+        overlay.write_text(yaml.safe_dump({"model": {"model_name_or_path": args.model, "dtype": args.mthlib_dtype, "mask": {
             "class_path": "fisher", "init_args": {"sparsity": 0.99, "num_samples": args.fisher_samples}}}}))
         start = time.perf_counter()
         run_measured(cli + ["masks", "build", "--config", str(QUICKSTART), "--config", str(overlay),

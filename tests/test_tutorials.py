@@ -119,6 +119,9 @@ SKIPPED: dict[tuple[str, str], tuple[str, str]] = {
     ("docs/tutorials/precision.rst", "python bench/side_by_side.py --steps 3 --rollout_engine native --rollout_dtype bfloat16 "
                                      "--bf16_mixed"): (
         "a benchmark of the real embedded model beside TRL (the bench extra), tens of minutes", "true"),
+    ("docs/tutorials/precision.rst", "python bench/side_by_side.py --steps 3 --rollout_engine native --bf16_mixed "
+                                     "--mthlib_dtype bfloat16 --only trl_full,mthlib_random99,mthlib_fisher99"): (
+        "a benchmark of the real embedded model beside TRL (the bench extra), minutes", "true"),
     ("docs/tutorials/rollouts.rst", "mth fit --config configs/mth/qwen2.5-0.5b-fisher99.yaml --model.rollout_engine vllm "
                                     "--trainer.accelerator gpu --trainer.strategy ddp_sparse --trainer.devices 8 "
                                     "--data.batch_size 1"): (GPU, "true"),
