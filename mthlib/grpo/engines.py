@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicLayer
 
 from mthlib.grpo.padding import attention_rows, pad_rows
+from mthlib.grpo.policy_copy import PolicyCopy
 from mthlib.masking import SparseState
 from mthlib.models import DTYPES
-from mthlib.weight_sync import SparseUpdateReceiver, SparseWeightSync
 
 EngineName = Literal["hf", "native", "vllm"]
 
@@ -122,7 +122,7 @@ def next_token_scores(logits: torch.Tensor, sampling: SamplingConfig) -> torch.T
         kth = torch.topk(scores, min(sampling.top_k, scores.shape[-1]), dim=-1).values[:, -1:]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     if sampling.top_p < 1.0:
-        ordered, order = torch.sort(scores, dim=-1, descending=False)
+        ordered, order = torch.sort(scores, dim=-1, stable=True)  # ties in vocabulary order: top_k_candidates keeps it
         cumulative = ordered.softmax(dim=-1).cumsum(dim=-1)
         drop = cumulative <= 1 - sampling.top_p
         drop[:, -1] = False  # always keep the most likely token
@@ -141,6 +141,26 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     uniform = torch.rand(probs.shape[0], 1, generator=generator, dtype=probs.dtype).to(probs.device)
     picked = torch.searchsorted(cumulative, uniform * cumulative[:, -1:], right=True)
     return picked.squeeze(1).clamp(max=probs.shape[-1] - 1)
+
+
+def top_k_candidates(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The logits and token ids ``(B, C)`` that top-k keeps in each row, in vocabulary order.
+
+    Top-k keeps every token whose logit is at least the k-th largest, ties included (as
+    ``generate`` does), so ``C`` may exceed ``k``; candidates past a row's own cut are ``-inf``.
+    ``None`` when top-k is off, keeps the whole vocabulary, or a row's ties at the k-th value
+    run past the ``2k`` candidates looked at (the caller then filters the whole row).
+    """
+    vocab = logits.shape[-1]
+    if not 0 < top_k < vocab:
+        return None
+    values, ids = torch.topk(logits, min(2 * top_k, vocab), dim=-1)
+    kth = values[:, top_k - 1:top_k]
+    if values.shape[-1] < vocab and bool((values[:, -1:] == kth).any()):
+        return None
+    ids, order = ids.sort(dim=-1)
+    values = values.gather(1, order)
+    return values.masked_fill(values < kth, float("-inf")), ids
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -221,31 +241,6 @@ def prefill(
     return out.logits[source, -1], cache, mask[source], positions[source, -1]
 
 
-class PolicyCopy(SparseUpdateReceiver):
-    """A copy of a policy in another dtype, kept equal to it (rounded) through :mod:`mthlib.weight_sync`.
-
-    A dense run, or the first load of a masked one, copies every weight; later loads of a
-    masked run apply the :class:`~mthlib.weight_sync.SparseUpdate` of its active entries only
-    (and the base values of entries a mask update dropped).
-    """
-
-    def __init__(self, policy: PreTrainedModel, dtype: torch.dtype) -> None:
-        self.policy = policy
-        self.model = AutoModelForCausalLM.from_config(policy.config, dtype=dtype).to(policy.device).eval()
-        self.sync: SparseWeightSync | None = None
-
-    @torch.no_grad()
-    def load(self, state: SparseState | None) -> None:
-        """Make the copy hold the policy's current weights, rounded to its dtype."""
-        if state is None or self.sync is None or self.sync.state is not state:
-            sources = dict(self.policy.named_parameters())
-            for name, parameter in self.model.named_parameters():
-                parameter.copy_(sources[name])
-            self.sync = None if state is None else SparseWeightSync(state)
-        if self.sync is not None:
-            self.apply_sparse_update(self.sync.update())
-
-
 class NativeEngine(RolloutEngine):
     """A decode loop over the model's forward with one prefill per distinct context.
 
@@ -253,11 +248,11 @@ class NativeEngine(RolloutEngine):
         seed: Seed of the sampling generator; two engines with the same seed draw the same
             tokens for the same model and contexts.
         compile: Wrap the forward of the decode steps in ``torch.compile``.
-        dtype: Sample from a :class:`PolicyCopy` of the policy in this dtype (``None``: the policy
-            itself), brought to the policy's current weights, rounded, by :meth:`load_weights`
-            before every batch (a masked run syncs its active entries only): a ``bfloat16``
-            copy of an fp32 policy decodes faster on hardware with bf16 matmuls while the loss
-            still scores the samples in fp32.
+        dtype: Sample from a :class:`~mthlib.grpo.policy_copy.PolicyCopy` of the policy in this
+            dtype (``None``: the policy itself), brought to the policy's current weights, rounded,
+            by :meth:`load_weights` before every batch: a ``bfloat16`` copy of an fp32 policy
+            decodes faster on hardware with bf16 matmuls (its matrices pre-packed on such CPUs)
+            while the loss still scores the samples in fp32.
     """
 
     def __init__(self, seed: int = 0, compile: bool = False, dtype: str | None = None) -> None:
@@ -282,7 +277,7 @@ class NativeEngine(RolloutEngine):
             return
         if self._copy is None or self._copy.policy is not model:
             self._copy = PolicyCopy(model, DTYPES[self.dtype])
-        self._copy.load(state)
+        self._copy.load()
 
     def policy_copy(self, model: PreTrainedModel) -> PreTrainedModel:
         """What samples ``model``'s turns: ``model`` itself, or its copy in :attr:`dtype` as of :meth:`load_weights`."""
@@ -302,10 +297,21 @@ class NativeEngine(RolloutEngine):
         return self._compiled[1]
 
     def _pick(self, logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+        """The next token of each row: greedy, or drawn from the filtered distribution.
+
+        With top-k on, temperature, top-p and the draw run over the top-k candidates only (kept
+        in vocabulary order, so the same uniform picks the same token as over the whole row):
+        4.9 ms -> ~1 ms a step at 16 rows and a 49k vocabulary, where a decode step takes ~50 ms.
+        """
         if sampling.greedy:
             return logits.argmax(dim=-1)
-        probs = next_token_scores(logits.float(), sampling).softmax(dim=-1)
-        return draw(probs, self.generator)
+        logits = logits.float()
+        candidates = top_k_candidates(logits, sampling.top_k)
+        if candidates is None:
+            return draw(next_token_scores(logits, sampling).softmax(dim=-1), self.generator)
+        values, ids = candidates
+        probs = next_token_scores(values, replace(sampling, top_k=0)).softmax(dim=-1)
+        return ids.gather(1, draw(probs, self.generator)[:, None]).squeeze(1)
 
     @torch.no_grad()
     def sample_turn(self, model, tokenizer, contexts, sampling):

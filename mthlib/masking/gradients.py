@@ -128,10 +128,14 @@ def active_part(grad: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
     A coalesced sparse gradient whose entries are exactly ``indices`` (what an
     active-entry backward produces) is read without densifying; any other sparse
-    gradient is densified first.
+    gradient is densified first. Indices of every entry (a complete mask) take the whole
+    gradient without a gather.
     """
     if not grad.is_sparse:
-        return grad.reshape(-1).index_select(0, indices).float()
+        flat = grad.reshape(-1)
+        if indices.numel() == flat.numel():  # a copy: the gradient's storage may be reused (a DDP bucket view)
+            return flat.to(torch.float32, copy=True)
+        return flat.index_select(0, indices).float()
     if grad.is_coalesced() and grad._nnz() == indices.numel():
         strides = torch.tensor(_strides(grad.shape), device=indices.device)
         flat = (grad._indices() * strides.unsqueeze(1)).sum(dim=0)

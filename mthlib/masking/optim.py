@@ -178,7 +178,11 @@ class SparseAdamW(torch.optim.Optimizer):
             step = float(state["step"])
             idx = indices[name]
             flat = param.view(-1)
-            weight = state["master"] if "master" in state else flat.index_select(0, idx).float()
+            whole = idx.numel() == flat.numel()  # sorted distinct indices of every entry: update in place, no gather
+            if "master" in state:
+                weight = state["master"]
+            else:  # an fp32 parameter
+                weight = flat if whole else flat.index_select(0, idx)
             if wd != 0:
                 weight.mul_(1 - lr * wd)
             state["exp_avg"].lerp_(grad, 1 - beta1)
@@ -186,7 +190,11 @@ class SparseAdamW(torch.optim.Optimizer):
             step_size = lr / (1 - beta1**step)
             denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
             weight.addcdiv_(state["exp_avg"], denom, value=-step_size)
-            flat.index_copy_(0, idx, weight.to(param.dtype))
+            if whole:
+                if weight is not flat:
+                    flat.copy_(weight)
+            else:
+                flat.index_copy_(0, idx, weight.to(param.dtype))
         self._last_grads.clear()
         self._last_grads.update(grads)
         return loss

@@ -10,7 +10,9 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from mthlib.envs.base import Episode
 from mthlib.grpo.engines import (
     HFEngine, NativeEngine, PreallocatedLayer, SamplingConfig, draw, make_engine, next_token_scores, prefill,
+    top_k_candidates,
 )
+from mthlib.grpo.policy_copy import copy_weights
 from mthlib.grpo.rollout import generate_rollout
 from mthlib.masking import SparseState, build_mask
 from mthlib.models import load_model
@@ -120,6 +122,29 @@ def test_draw_samples_each_row_from_its_distribution_and_never_a_removed_token()
     assert torch.equal(draw(probs, torch.Generator().manual_seed(7)), draw(probs, torch.Generator().manual_seed(7)))
 
 
+@pytest.mark.parametrize("grid", [None, 1 / 16, 8.0])  # exact logits; bf16-like ties; ties past 2k (whole-row path)
+@pytest.mark.parametrize(("top_k", "top_p"), [(50, 1.0), (50, 0.9), (3, 0.5)])
+def test_top_k_sampling_draws_the_tokens_filtering_the_whole_row_draws(grid, top_k, top_p):
+    logits = torch.randn(64, 3000, generator=torch.Generator().manual_seed(0)) * 3
+    if grid is not None:
+        logits = torch.round(logits / grid) * grid
+    sampling = SamplingConfig(temperature=0.7, top_k=top_k, top_p=top_p)
+    candidates = top_k_candidates(logits, top_k)
+    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+    if grid == 8.0:
+        assert candidates is None  # ties at the k-th value run past 2k candidates
+    else:
+        values, ids = candidates
+        assert torch.equal(torch.isfinite(values).sum(-1), (logits >= kth).sum(-1))  # every tie kept
+        assert torch.equal(values[torch.isfinite(values)], logits.gather(1, ids)[torch.isfinite(values)])
+        assert bool((ids.diff(dim=-1) > 0).all())  # vocabulary order
+    engine = NativeEngine(seed=3)
+    whole_row = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        expected = draw(next_token_scores(logits, sampling).softmax(dim=-1), whole_row)
+        assert torch.equal(engine._pick(logits, sampling), expected)
+
+
 def test_native_sampling_is_reproducible_by_seed():
     model, tok = varied_lm(4)
     contexts = contexts_of(tok, ["abc", "de"], repeat=4)
@@ -186,24 +211,25 @@ def test_a_bf16_copy_samples_what_the_policy_loaded_in_bf16_samples(tmp_path):
         engine.load_weights(model, None)
         batches.append(engine.sample_turn(model, tok, contexts, greedy))
         assert batches[-1] == NativeEngine().sample_turn(in_bf16, tok, contexts, greedy)
-        for (name, ours), theirs in zip(engine.policy_copy(model).named_parameters(), in_bf16.parameters()):
-            assert ours.dtype == torch.bfloat16 and torch.equal(ours, theirs), name
+        for name, weight in copy_weights(engine.policy_copy(model)).items():
+            assert weight.dtype == torch.bfloat16 and torch.equal(weight, in_bf16.get_parameter(name)), name
     assert batches[0] != batches[1]  # the change shows in the samples: a stale copy would fail above
     assert model.dtype == torch.float32  # the policy itself is untouched
 
 
-def test_a_masked_runs_bf16_copy_follows_its_active_entries_through_sparse_updates():
+def test_a_masked_runs_bf16_copy_follows_its_trained_entries():
     model, _ = varied_lm(6)
     state = SparseState.capture(model, build_mask("random", sparsity=0.9, seed=0).compute(model, None)).attach(model)
     engine = NativeEngine(dtype="bfloat16")
-    for step in range(3):  # the first load copies every weight, the next ones the active entries only
+    for step in range(3):
         if step:
             with torch.no_grad():
                 state.load_trained_values({name: values + 0.5 for name, values in state.trained_values().items()})
         engine.load_weights(model, state)
-        for name, parameter in engine.policy_copy(model).named_parameters():
-            assert torch.equal(parameter, model.get_parameter(name).to(torch.bfloat16)), (step, name)
-    assert engine._copy.sync.bytes_sent > 0
+        weights = copy_weights(engine.policy_copy(model))
+        assert set(weights) == {name for name, _ in model.named_parameters(remove_duplicate=False)}
+        for name, weight in weights.items():
+            assert torch.equal(weight, model.get_parameter(name).to(torch.bfloat16)), (step, name)
 
 
 def test_rollout_dtype_is_checked():

@@ -12,6 +12,7 @@ from mthlib.data import PromptDataModule
 from mthlib.grpo import GRPOModule
 from mthlib.grpo.loss import Normalizer, group_advantages
 from mthlib.grpo.objective import GRPOObjective
+from mthlib.grpo.policy_copy import copy_weights
 from mthlib.grpo.rollout import generate_rollout
 from mthlib.masking import build_mask
 from tests.conftest import make_tiny_chat_lm, save_tiny_chat_lm
@@ -272,7 +273,7 @@ def test_sampling_from_a_bf16_copy_learns_while_the_policy_trains_in_fp32(tiny_m
     sampler = module.engine.policy_copy(module.model)
     assert module.model.dtype == torch.float32 and sampler.dtype == torch.bfloat16
     trained = module.model.get_parameter("model.layers.0.mlp.down_proj.weight")
-    assert torch.equal(sampler.get_parameter("model.layers.0.mlp.down_proj.weight"), trained.to(torch.bfloat16))
+    assert torch.equal(copy_weights(sampler)["model.layers.0.mlp.down_proj.weight"], trained.to(torch.bfloat16))
 
 
 def test_bf16_mixed_precision_trains_a_masked_run_in_fp32_weights_with_frozen_entries_intact(tiny_model_dir, tmp_path):
