@@ -20,7 +20,9 @@ def packing_supported(dtype: torch.dtype, device: torch.device) -> bool:
     """Whether :class:`PackedLinear` runs here: a bf16 weight on a CPU whose oneDNN has bf16 kernels."""
     return (
         dtype == torch.bfloat16 and device.type == "cpu" and torch.backends.mkldnn.enabled
-        and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        and torch.backends.mkldnn.is_available()
+        and all(hasattr(torch.ops.mkldnn, op) for op in ("_reorder_linear_weight", "_linear_pointwise"))
+        and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     )
 
 

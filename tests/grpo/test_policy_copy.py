@@ -35,9 +35,13 @@ def test_packed_linear_refuses_a_weight_of_another_shape_and_a_forward_before_lo
         packed(torch.zeros(2, 8))
 
 
-def test_packing_is_only_for_bf16():
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's flags() context, not ours
+def test_packing_is_only_for_bf16_on_a_cpu_with_onednn():
     assert not packing_supported(torch.float32, CPU)
     assert not packing_supported(torch.float16, CPU)
+    assert not packing_supported(torch.bfloat16, torch.device("meta"))
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not packing_supported(torch.bfloat16, CPU)
     model, _ = make_tiny_chat_lm(seed=1, hidden=16, layers=1)
     copy = PolicyCopy(model, torch.float16)
     assert not any(isinstance(m, PackedLinear) for m in copy.model.modules())
