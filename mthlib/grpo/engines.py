@@ -68,6 +68,9 @@ class RolloutEngine(abc.ABC):
         (vLLM) syncs them here, only ``state``'s active entries when the run is masked.
         """
 
+    def release_weights(self) -> None:
+        """Free what :meth:`load_weights` built that sampling no longer needs (called after every rollout)."""
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The engine's own random state, saved in checkpoints so a resumed run samples as an uninterrupted one."""
         return {}
@@ -279,11 +282,16 @@ class NativeEngine(RolloutEngine):
             self._copy = PolicyCopy(model, DTYPES[self.dtype])
         self._copy.load()
 
+    def release_weights(self) -> None:
+        """Free the copy's packed weights until the next :meth:`load_weights` (the training step does not need them)."""
+        if self._copy is not None:
+            self._copy.release()
+
     def policy_copy(self, model: PreTrainedModel) -> PreTrainedModel:
         """What samples ``model``'s turns: ``model`` itself, or its copy in :attr:`dtype` as of :meth:`load_weights`."""
         if self.dtype is None or model.dtype == DTYPES[self.dtype]:
             return model
-        if self._copy is None or self._copy.policy is not model:
+        if self._copy is None or self._copy.policy is not model or not self._copy.loaded:
             raise RuntimeError("NativeEngine.load_weights(model, state) must run before sampling from a copy in "
                                f"{self.dtype}")
         return self._copy.model

@@ -289,6 +289,7 @@ class GRPOModule(pl.LightningModule):
         episodes = [ep for ep in batch for _ in range(h.num_generations)]
         self.engine.load_weights(self.model, self.sparse_state)
         rollout = generate_rollout(self.model, self.tokenizer, episodes, self.sampling, self.engine).to(self.device)
+        self.engine.release_weights()
         generation_time = time.perf_counter() - start
         scores = [self.env.score(ep, replies) for ep, replies in zip(episodes, rollout.replies)]
         rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32, device=self.device)
@@ -381,6 +382,7 @@ class GRPOModule(pl.LightningModule):
         """Greedy replies to the evaluation prompts, scored into :attr:`val_metrics` (``test_step`` alike)."""
         self.engine.load_weights(self.model, self.sparse_state)
         rollout = generate_rollout(self.model, self.tokenizer, batch, self.eval_sampling, self.engine)
+        self.engine.release_weights()
         self.val_metrics.add(self.env, batch, rollout.replies)
 
     test_step = validation_step

@@ -214,6 +214,11 @@ def test_a_bf16_copy_samples_what_the_policy_loaded_in_bf16_samples(tmp_path):
         for name, weight in copy_weights(engine.policy_copy(model)).items():
             assert weight.dtype == torch.bfloat16 and torch.equal(weight, in_bf16.get_parameter(name)), name
     assert batches[0] != batches[1]  # the change shows in the samples: a stale copy would fail above
+    engine.release_weights()  # between batches the copy holds no packed weights, and sampling needs a load
+    with pytest.raises(RuntimeError, match=r"load_weights\(model, state\) must run before sampling from a copy"):
+        engine.sample_turn(model, tok, contexts, greedy)
+    engine.load_weights(model, None)
+    assert engine.sample_turn(model, tok, contexts, greedy) == batches[1]
     assert model.dtype == torch.float32  # the policy itself is untouched
 
 

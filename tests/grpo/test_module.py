@@ -269,6 +269,8 @@ def test_sampling_from_a_bf16_copy_learns_while_the_policy_trains_in_fp32(tiny_m
         max_completion_length=8, micro_batch_size=16, rollout_engine="native", rollout_dtype="bfloat16",
     )
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.2, rewards
+    with pytest.raises(RuntimeError, match="must run before sampling"):  # released after every rollout
+        module.engine.policy_copy(module.model)
     module.engine.load_weights(module.model, module.sparse_state)
     sampler = module.engine.policy_copy(module.model)
     assert module.model.dtype == torch.float32 and sampler.dtype == torch.bfloat16

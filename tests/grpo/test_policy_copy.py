@@ -82,5 +82,10 @@ def test_a_packed_bf16_copy_computes_the_logits_of_the_policy_loaded_in_bf16(kin
         assert torch.equal(copy.model(input_ids=ids).logits, in_bf16(input_ids=ids).logits)
     weights = copy_weights(copy.model)
     assert set(weights) == {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    copy.release()
+    assert not copy.loaded and all(m.packed is None for m in copy.model.modules() if isinstance(m, PackedLinear))
+    copy.load()
+    with torch.no_grad():
+        assert torch.equal(copy.model(input_ids=ids).logits, in_bf16(input_ids=ids).logits)
     assert all(torch.equal(weights[name], in_bf16.get_parameter(name)) for name in weights)
     assert any(name.endswith(".bias") for name in weights) == (kind == "qwen2")
