@@ -16,7 +16,8 @@ Backends behind one small interface, chosen by name (``GRPOModule(rollout_engine
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -70,6 +71,15 @@ class RolloutEngine(abc.ABC):
 
     def release_weights(self) -> None:
         """Free what :meth:`load_weights` built that sampling no longer needs (called after every rollout)."""
+
+    @contextlib.contextmanager
+    def weights_of(self, model: PreTrainedModel, state: SparseState | None) -> Iterator[None]:
+        """Sample from ``model``'s current weights inside the block: :meth:`load_weights`, then :meth:`release_weights`."""
+        self.load_weights(model, state)
+        try:
+            yield
+        finally:
+            self.release_weights()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The engine's own random state, saved in checkpoints so a resumed run samples as an uninterrupted one."""

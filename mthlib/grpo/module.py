@@ -287,9 +287,8 @@ class GRPOModule(pl.LightningModule):
         start = time.perf_counter()
         self.prompts_seen += len(batch)
         episodes = [ep for ep in batch for _ in range(h.num_generations)]
-        self.engine.load_weights(self.model, self.sparse_state)
-        rollout = generate_rollout(self.model, self.tokenizer, episodes, self.sampling, self.engine).to(self.device)
-        self.engine.release_weights()
+        with self.engine.weights_of(self.model, self.sparse_state):
+            rollout = generate_rollout(self.model, self.tokenizer, episodes, self.sampling, self.engine).to(self.device)
         generation_time = time.perf_counter() - start
         scores = [self.env.score(ep, replies) for ep, replies in zip(episodes, rollout.replies)]
         rewards = torch.tensor([s["reward"] for s in scores], dtype=torch.float32, device=self.device)
@@ -380,9 +379,8 @@ class GRPOModule(pl.LightningModule):
     # -- evaluation -------------------------------------------------------------------------
     def validation_step(self, batch: list[Episode], batch_idx: int) -> None:
         """Greedy replies to the evaluation prompts, scored into :attr:`val_metrics` (``test_step`` alike)."""
-        self.engine.load_weights(self.model, self.sparse_state)
-        rollout = generate_rollout(self.model, self.tokenizer, batch, self.eval_sampling, self.engine)
-        self.engine.release_weights()
+        with self.engine.weights_of(self.model, self.sparse_state):
+            rollout = generate_rollout(self.model, self.tokenizer, batch, self.eval_sampling, self.engine)
         self.val_metrics.add(self.env, batch, rollout.replies)
 
     test_step = validation_step

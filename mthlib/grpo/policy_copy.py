@@ -78,13 +78,13 @@ class PolicyCopy:
     @torch.no_grad()
     def load(self) -> None:
         """Make the copy hold the policy's current weights, rounded to its dtype."""
-        self.loaded = True
         sources = dict(self.policy.named_parameters(remove_duplicate=False))
         for name, parameter in self.model.named_parameters():
             parameter.copy_(sources[name])
         for name, module in self.model.named_modules():
             if isinstance(module, PackedLinear):
                 module.load(sources[f"{name}.weight"], sources.get(f"{name}.bias"))
+        self.loaded = True
 
     def release(self) -> None:
         """Free the packed weights until the next :meth:`load` (plain layers keep theirs: a load only overwrites them)."""

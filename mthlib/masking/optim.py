@@ -190,11 +190,10 @@ class SparseAdamW(torch.optim.Optimizer):
             step_size = lr / (1 - beta1**step)
             denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
             weight.addcdiv_(state["exp_avg"], denom, value=-step_size)
-            if whole:
-                if weight is not flat:
-                    flat.copy_(weight)
-            else:
+            if not whole:
                 flat.index_copy_(0, idx, weight.to(param.dtype))
+            elif weight is not flat:  # fp32 master values of a low-precision parameter
+                flat.copy_(weight)
         self._last_grads.clear()
         self._last_grads.update(grads)
         return loss

@@ -237,6 +237,19 @@ def test_a_masked_runs_bf16_copy_follows_its_trained_entries():
             assert torch.equal(weight, model.get_parameter(name).to(torch.bfloat16)), (step, name)
 
 
+def test_weights_of_loads_for_the_block_and_releases_after_it_even_on_an_error():
+    model, tok = varied_lm(3)
+    contexts = contexts_of(tok, ["ab"], 1)
+    engine = NativeEngine(dtype="bfloat16")
+    with engine.weights_of(model, None):
+        assert engine.sample_turn(model, tok, contexts, SamplingConfig(max_completion_length=3, greedy=True))
+    with pytest.raises(ValueError, match="inside the block"):
+        with engine.weights_of(model, None):
+            raise ValueError("inside the block")
+    with pytest.raises(RuntimeError, match="must run before sampling from a copy"):
+        engine.policy_copy(model)
+
+
 def test_rollout_dtype_is_checked():
     with pytest.raises(ValueError, match="rollout_dtype 'bfloat16' needs rollout_engine native"):
         make_engine("hf", rollout_dtype="bfloat16")
