@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--completion", type=int, default=48)
     parser.add_argument("--gradient_checkpointing", action="store_true", help="recompute decoder activations in backward")
     parser.add_argument("--chunk", type=int, default=1024, help="tokens per output-projection chunk")
+    parser.add_argument("--pack_prefixes", action="store_true",
+                        help="pack rows into prefix trees, shared prefixes computed once (GRPOModule's pack_prefixes)")
     parser.add_argument("--calibration", type=int, default=16, help="calibration sequences for gradient-based masks")
     parser.add_argument("--calibration_batch_size", type=int, default=8, help="sequences per calibration pass")
     args = parser.parse_args()
@@ -93,7 +95,7 @@ def main() -> None:
     times, optimizer_times, verify_times = [], [], []
     for _ in range(args.steps):
         start = time.perf_counter()
-        logps, _ = token_logprobs(model, ids, attention, loss_mask, chunk_size=args.chunk)
+        logps, _ = token_logprobs(model, ids, attention, loss_mask, chunk_size=args.chunk, pack_prefixes=args.pack_prefixes)
         objective.loss(logps, logps.detach(), advantages, loss_mask, norm)[0].backward()
         clip_gradients(model, optimizer, 1.0)
         before_optimizer = time.perf_counter()
@@ -110,6 +112,7 @@ def main() -> None:
     print(json.dumps({
         "variant": (args.mask if args.mask == "dense" else f"{args.mask} {args.sparsity:g}")
         + (" +ckpt" if args.gradient_checkpointing else "")
+        + (" +packed" if args.pack_prefixes else "")
         + (f" +mmap {os.environ['MALLOC_MMAP_THRESHOLD_']}" if "MALLOC_MMAP_THRESHOLD_" in os.environ else ""),
         "step_s": sum(times[1:]) / max(len(times) - 1, 1),
         "optimizer_s": sum(optimizer_times[1:]) / max(len(optimizer_times) - 1, 1),

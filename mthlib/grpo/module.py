@@ -90,6 +90,11 @@ class GRPOModule(pl.LightningModule):
             and from the token count of ``dapo``.
         micro_batch_size: Completions per forward/backward pass (gradient accumulation inside a step).
         logprob_chunk_size: Tokens per chunk of output-projection logits.
+        pack_prefixes: Compute log-probabilities on the rows packed into prefix trees, so a prefix
+            that rows share (the prompt of a group's G completions) runs through the decoder once,
+            not G times; equal to unpacked rows up to floating-point rounding. Only ``sdpa`` and
+            ``eager`` attention take the tree's mask; other models run unpacked
+            (:mod:`mthlib.grpo.prefix_tree`).
         gradient_checkpointing: Recompute each decoder layer's activations in backward instead of
             keeping them (less memory, about one more forward pass of time).
         eval_max_completion_length: New tokens per turn in greedy evaluation (``None``: ``max_completion_length``).
@@ -143,6 +148,7 @@ class GRPOModule(pl.LightningModule):
         mask_truncated_completions: bool = False,
         micro_batch_size: int = 8,
         logprob_chunk_size: int = 1024,
+        pack_prefixes: bool = True,
         gradient_checkpointing: bool = False,
         eval_max_completion_length: int | None = None,
         verify_every: int = 50,
@@ -328,7 +334,8 @@ class GRPOModule(pl.LightningModule):
             rows = slice(first, first + h.micro_batch_size)
             part = rollout.select(rows)
             logps, entropy = token_logprobs(
-                self.model, part.input_ids, part.attention_mask, part.loss_mask, h.temperature, h.logprob_chunk_size
+                self.model, part.input_ids, part.attention_mask, part.loss_mask, h.temperature, h.logprob_chunk_size,
+                h.pack_prefixes,
             )
             width = logps.shape[1]
             old = logps.detach() if old_logps is None else old_logps[rows, :width]
@@ -354,7 +361,7 @@ class GRPOModule(pl.LightningModule):
 
     def _logps_no_grad(self, rollout: Rollout, model: torch.nn.Module) -> torch.Tensor:
         h = self.hparams
-        return rollout_logprobs(model, rollout, h.micro_batch_size, h.temperature, h.logprob_chunk_size)
+        return rollout_logprobs(model, rollout, h.micro_batch_size, h.temperature, h.logprob_chunk_size, h.pack_prefixes)
 
     def _reference_logps(self, rollout: Rollout) -> torch.Tensor:
         if self.sparse_state is not None:

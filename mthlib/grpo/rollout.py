@@ -19,6 +19,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from mthlib.envs.base import Episode
 from mthlib.grpo.engines import HFEngine, RolloutEngine, SamplingConfig
 from mthlib.grpo.padding import attention_rows, pad_rows
+from mthlib.grpo.prefix_tree import pack_prefix_trees, scores_per_token
+
+PACKABLE_ATTENTION = ("sdpa", "eager")  # attention implementations that take a 4-D mask as given
 
 
 @dataclass
@@ -148,6 +151,29 @@ def _chunk_logprobs(
     return picked, entropy
 
 
+def _decoder_states(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, wanted: torch.Tensor,
+    pack_prefixes: bool,
+) -> torch.Tensor:
+    """Final hidden states at the positions under ``wanted`` ``(N, T)``, from rows or from packed prefix trees."""
+    packable = model.config._attn_implementation in PACKABLE_ATTENTION
+    if not (pack_prefixes and packable):
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        hidden = model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        return hidden[wanted]
+    trees = pack_prefix_trees(input_ids, attention_mask, scores_per_token(model))
+    mask = trees.attention_mask
+    if model.config._attn_implementation == "eager":  # eager attention adds its mask to the scores
+        mask = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill_(
+            ~mask, torch.finfo(model.dtype).min)
+    hidden = model.base_model(
+        input_ids=trees.input_ids, attention_mask=mask, position_ids=trees.position_ids, use_cache=False
+    ).last_hidden_state
+    return trees.gather(hidden, wanted)
+
+
 def token_logprobs(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -155,6 +181,7 @@ def token_logprobs(
     loss_mask: torch.Tensor,
     temperature: float = 1.0,
     chunk_size: int = 1024,
+    pack_prefixes: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities and entropies of the tokens under ``loss_mask``.
 
@@ -168,16 +195,18 @@ def token_logprobs(
         loss_mask: ``(N, T)`` 1 at tokens whose log-probability is wanted.
         temperature: Logits are divided by it, as when sampling.
         chunk_size: Tokens per output-projection chunk.
+        pack_prefixes: Run the decoder on the rows packed into prefix trees
+            (:mod:`mthlib.grpo.prefix_tree`): a prefix that rows share, such as the prompt of a
+            group's completions, is computed once. The values equal the unpacked ones up to
+            floating-point rounding. Models whose attention takes no 4-D mask (other than
+            ``sdpa`` and ``eager``) run unpacked.
 
     Returns:
         ``(N, T)`` log-probabilities and ``(N, T)`` entropies (detached), 0 outside ``loss_mask``.
     """
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    hidden = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-    ).last_hidden_state
     wanted = loss_mask[:, 1:].bool()
-    states = hidden[:, :-1][wanted]
+    predicting = F.pad(wanted, (0, 1))  # the positions whose next token carries loss
+    states = _decoder_states(model, input_ids, attention_mask, predicting, pack_prefixes)
     targets = input_ids[:, 1:][wanted]
     head = model.get_output_embeddings()  # the module, so a masked head computes its active entries' gradient only
     pieces, entropies = [], []
@@ -200,17 +229,21 @@ def token_logprobs(
 
 @torch.no_grad()
 def rollout_logprobs(
-    model: PreTrainedModel, rollout: Rollout, micro_batch_size: int, temperature: float = 1.0, chunk_size: int = 1024
+    model: PreTrainedModel, rollout: Rollout, micro_batch_size: int, temperature: float = 1.0, chunk_size: int = 1024,
+    pack_prefixes: bool = False,
 ) -> torch.Tensor:
     """``(N, T)`` log-probabilities of the sampled tokens of the whole rollout, without gradients.
 
     Computed ``micro_batch_size`` rows at a time (each padded back to the rollout's width);
     e.g. the sampling policy's log-probabilities for ``num_iterations > 1``, or a reference's.
+    ``pack_prefixes`` as in :func:`token_logprobs`.
     """
     parts = []
     width = rollout.input_ids.shape[1]
     for first in range(0, len(rollout), micro_batch_size):
         part = rollout.select(slice(first, first + micro_batch_size))
-        logps, _ = token_logprobs(model, part.input_ids, part.attention_mask, part.loss_mask, temperature, chunk_size)
+        logps, _ = token_logprobs(
+            model, part.input_ids, part.attention_mask, part.loss_mask, temperature, chunk_size, pack_prefixes
+        )
         parts.append(F.pad(logps, (0, width - logps.shape[1])))
     return torch.cat(parts)

@@ -79,6 +79,36 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir, tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
+
+class DecoderCallsModule(GRPOModule):
+    """A :class:`GRPOModule` that counts its decoder's calls on packed prefix trees (a 4-D attention mask)."""
+
+    def __init__(self, **options) -> None:
+        super().__init__(**options)
+        self.mask_dims: list[int] = []  # a plain function appends, so the KL reference (a deep copy) counts here too
+        dims = self.mask_dims
+        self.model.base_model.register_forward_pre_hook(
+            lambda module, args, kwargs: dims.append(kwargs["attention_mask"].dim()), with_kwargs=True)
+
+    @property
+    def packed_calls(self) -> int:
+        return self.mask_dims.count(4)
+
+
+def test_packed_prefixes_give_the_update_of_unpacked_rows_in_every_log_prob_pass(tiny_model_dir, tmp_path):
+    options = dict(steps=2, learning_rate=1e-2, num_generations=4, max_completion_length=4, micro_batch_size=3,
+                   env=LetterA("abcdefghijklm"), num_iterations=2, beta=0.1, module_class=DecoderCallsModule)
+    packed, _ = fit(tiny_model_dir, tmp_path / "a", pack_prefixes=True, **options)
+    rows, _ = fit(tiny_model_dir, tmp_path / "b", pack_prefixes=False, **options)
+    # one rollout of 16 completions in 6 micro-batches: sampling-policy and reference log-probs, then two steps
+    assert packed.packed_calls == 6 * 4 and rows.packed_calls == 0
+    base, _ = make_tiny_chat_lm(seed=3)
+    for p, q, b in zip(packed.model.parameters(), rows.model.parameters(), base.parameters()):
+        assert not torch.equal(p, b)
+        # Adam's first steps are ~lr * sign(gradient): 1e-4 is 1% of one, rounding where a gradient is ~0
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-4)
+
+
 # -- the module hands its loss options to the objective it optimises ---------------------------
 QUICK = {"num_generations": 4, "max_completion_length": 4, "micro_batch_size": 3, "learning_rate": 1e-2}
 
