@@ -116,6 +116,8 @@ SKIPPED: dict[tuple[str, str], tuple[str, str]] = {
         "a benchmark of the real embedded model, run from the repository", "true"),
     ("docs/tutorials/rollouts.rst", "mth fit --config configs/mth/qwen2.5-0.5b-fisher99.yaml --model.rollout_engine vllm "
                                     "--trainer.accelerator gpu"): (GPU, "true"),
+    ("docs/tutorials/packing.rst", "python bench/prefix_packing.py --prompts 2 --generations 8 --max_new_tokens 48"): (
+        "a benchmark of the real embedded model, run from the repository", "true"),
     ("docs/tutorials/precision.rst", "python bench/side_by_side.py --steps 3 --rollout_engine native --rollout_dtype bfloat16 "
                                      "--bf16_mixed"): (
         "a benchmark of the real embedded model beside TRL (the bench extra), tens of minutes", "true"),
