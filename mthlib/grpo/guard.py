@@ -105,7 +105,7 @@ class NonFiniteGuard:
             optimizer.step()
             return False
         optimizer.step()
-        trained = model.named_parameters() if sparse_state is None else sparse_state.trained_values().items()
+        trained = model.named_parameters() if sparse_state is None else sparse_state.trained_values(copy=False).items()
         self.check_weights(trained, step, optimizer.param_groups[0]["lr"])
         self.watch({key: torch.stack(metrics[key]).float().mean().item() for key in WATCHED if key in metrics}, step)
         return True

@@ -192,9 +192,12 @@ class SparseState:
                 self._layers.use_dense_gradients(False)
 
     # -- values -----------------------------------------------------------------------------
-    def trained_values(self) -> dict[str, torch.Tensor]:
-        """Name to a copy of the attached model's current values at the active entries."""
-        return gather_values(self._bound(), self.masks)
+    def trained_values(self, copy: bool = True) -> dict[str, torch.Tensor]:
+        """Name to a copy of the attached model's current values at the active entries.
+
+        ``copy=False`` may hand out a complete mask's parameter itself, for reading only (:func:`gather_values`).
+        """
+        return gather_values(self._bound(), self.masks, copy)
 
     def load_trained_values(self, values: Mapping[str, torch.Tensor]) -> None:
         """Write ``values`` (as from :meth:`trained_values`) into the active entries of the attached model."""

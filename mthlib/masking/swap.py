@@ -28,13 +28,21 @@ def _parameters(model: nn.Module, masks: Masks) -> dict[str, nn.Parameter]:
 
 
 @torch.no_grad()
-def gather_values(model: nn.Module, masks: Masks) -> dict[str, torch.Tensor]:
-    """Current values at the active entries: name to a 1-D copy (parameter dtype and device)."""
+def gather_values(model: nn.Module, masks: Masks, copy: bool = True) -> dict[str, torch.Tensor]:
+    """Current values at the active entries: name to a 1-D copy (parameter dtype and device).
+
+    With ``copy=False``, a mask holding every entry gives the parameter's own flattened
+    values, not a copy (no index gather either): for reading them at once, e.g. a finiteness check.
+    """
     params = _parameters(model, masks)
-    return {
-        name: params[name].detach().reshape(-1).index_select(0, idx.to(params[name].device)).clone()
-        for name, idx in masks.items()
-    }
+    values = {}
+    for name, idx in masks.items():
+        flat = params[name].detach().reshape(-1)
+        if not copy and idx.numel() == flat.numel():  # sorted distinct indices of every entry
+            values[name] = flat
+        else:
+            values[name] = flat.index_select(0, idx.to(flat.device))
+    return values
 
 
 @torch.no_grad()

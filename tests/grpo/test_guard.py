@@ -249,10 +249,12 @@ def test_a_skipped_sparse_step_changes_no_active_entry_or_moment_and_clears_the_
     assert any(not torch.equal(values[name], now) for name, now in state.trained_values().items())
 
 
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("masked", [False, True, "complete"])
 def test_a_step_that_leaves_a_trained_value_non_finite_stops_at_once(masked):
+    """Dense, masked, and masks holding every entry (read in place, not gathered)."""
     model = make_tiny_lm(seed=2)
-    state = attached(model, random_masks(model)) if masked else None
+    density = 1.0 if masked == "complete" else 0.1
+    state = attached(model, random_masks(model, density=density)) if masked else None
     optimizer = SparseAdamW(state, lr=INF) if masked else torch.optim.AdamW(model.parameters(), lr=INF)
     model(**batch(0)).loss.backward()
     with pytest.raises(NonFiniteError, match=r"^weights of model\.\S+ are (NaN|Inf) after the optimizer step at step 4 "

@@ -40,6 +40,24 @@ def test_gather_values_reads_the_active_entries(tiny_lm):
         gather_values(tiny_lm, Masks({}, {"nope": (3,)}))
 
 
+def test_gather_values_copies_unless_asked_to_read_a_complete_mask_in_place(tiny_lm):
+    """``copy=False`` hands out a complete mask's parameter itself (no gather, no copy); anything else is a copy."""
+    norm, head = tiny_lm.model.norm.weight, tiny_lm.model.layers[0].mlp.up_proj.weight
+    masks = Masks({"model.norm.weight": torch.arange(32), "model.layers.0.mlp.up_proj.weight": torch.tensor([0, 7])},
+                  {"model.norm.weight": (32,), "model.layers.0.mlp.up_proj.weight": tuple(head.shape)})
+    read = gather_values(tiny_lm, masks, copy=False)
+    assert read["model.norm.weight"].data_ptr() == norm.data_ptr()
+    assert torch.equal(read["model.norm.weight"], norm.detach())
+    assert torch.equal(read["model.layers.0.mlp.up_proj.weight"], head.detach().reshape(-1)[[0, 7]])
+    copied = gather_values(tiny_lm, masks)
+    assert copied["model.norm.weight"].data_ptr() != norm.data_ptr()
+    copied["model.norm.weight"].add_(1.0)
+    read["model.layers.0.mlp.up_proj.weight"].add_(1.0)
+    assert torch.equal(read["model.norm.weight"], norm.detach())  # the copies changed, the model did not
+    assert torch.equal(gather_values(tiny_lm, masks)["model.layers.0.mlp.up_proj.weight"],
+                       head.detach().reshape(-1)[[0, 7]])
+
+
 def test_swapped_to_base_computes_the_base_and_restores_the_trained_values():
     model, masks, base_values = _trained()
     trained = {n: p.detach().clone() for n, p in model.named_parameters()}
