@@ -15,7 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 from mthlib.checkpoints import FinalModel, SparseDeltaCheckpoint
 from mthlib.distributed import check_masked_strategy
 from mthlib.envs.base import Environment, Episode
-from mthlib.grpo.loss import ImportanceSamplingLevel, LossType, Normalizer, ScaleRewards, mask_truncated, masked_mean
+from mthlib.grpo.batch_loss import backward_micro_batches
+from mthlib.grpo.loss import ImportanceSamplingLevel, LossType, Normalizer, ScaleRewards, mask_truncated
 from mthlib.grpo.gradients import clip_gradients, synchronise_gradients
 from mthlib.grpo import resume
 from mthlib.grpo.guard import NonFiniteGuard
@@ -23,7 +24,7 @@ from mthlib.grpo.metrics import EvaluationMetrics, step_metrics
 from mthlib.grpo.optimizers import grpo_optimizers
 from mthlib.grpo.objective import GRPOObjective, batch_advantages, batch_normalizer
 from mthlib.grpo.engines import EngineName, SamplingConfig, make_engine
-from mthlib.grpo.rollout import Rollout, generate_rollout, rollout_logprobs, token_logprobs
+from mthlib.grpo.rollout import Rollout, generate_rollout, rollout_logprobs
 from mthlib.masking import MaskCallback, MaskStrategy, SparseState
 from mthlib.fingerprint import model_fingerprint
 from mthlib.models import EMBEDDED, enable_activation_checkpointing, load_model
@@ -328,25 +329,10 @@ class GRPOModule(pl.LightningModule):
         h = self.hparams
         optimizer = self.optimizers()
         self.model.train()
-        step_stats: dict[str, list[torch.Tensor]] = defaultdict(list)
-        step_loss = torch.zeros((), device=self.device)
-        for first in range(0, len(rollout), h.micro_batch_size):
-            rows = slice(first, first + h.micro_batch_size)
-            part = rollout.select(rows)
-            logps, entropy = token_logprobs(
-                self.model, part.input_ids, part.attention_mask, part.loss_mask, h.temperature, h.logprob_chunk_size,
-                h.pack_prefixes,
-            )
-            width = logps.shape[1]
-            old = logps.detach() if old_logps is None else old_logps[rows, :width]
-            ref = None if ref_logps is None else ref_logps[rows, :width]
-            loss, metrics = objective.loss(logps, old, advantages[rows], part.loss_mask, norm, ref)
-            if loss.requires_grad:  # no loss token (all truncated and masked): no graph, and nothing to add
-                self.manual_backward(loss)
-            step_loss += loss.detach()
-            step_stats["entropy"].append(masked_mean(entropy, part.loss_mask))
-            for key, value in metrics.items():
-                step_stats[key].append(value)
+        step_loss, step_stats = backward_micro_batches(
+            self.model, objective, rollout, advantages, norm, self.manual_backward, h.micro_batch_size, old_logps,
+            ref_logps, h.temperature, h.logprob_chunk_size, h.pack_prefixes,
+        )
         step_stats["loss"].append(step_loss)
         wrapped = isinstance(self.trainer.strategy.model, DistributedDataParallel)
         synchronise_gradients(self.model, optimizer.optimizer, reduced_by_ddp=wrapped)

@@ -91,8 +91,9 @@ def scores_per_token(model: torch.nn.Module) -> float:
     product and its share of the value product) ``4 * heads * head_dim``.
     """
     config = model.config
-    embeddings = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
-    layer_weights = sum(p.numel() for p in model.parameters() if id(p) not in embeddings) / config.num_hidden_layers
+    embeddings = [m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None]
+    weights = [p for p in model.parameters() if not any(p is e for e in embeddings)]
+    layer_weights = sum(p.numel() for p in weights) / config.num_hidden_layers
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return 2 * layer_weights / (4 * heads * head_dim)

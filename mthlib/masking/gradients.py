@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mthlib.distributed import all_reduce_mean_
-from mthlib.masking.masks import locate
+from mthlib.masking.masks import holds_every_entry, locate
 
 
 class ActiveGradients:
@@ -133,7 +133,7 @@ def active_part(grad: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """
     if not grad.is_sparse:
         flat = grad.reshape(-1)
-        if indices.numel() == flat.numel():  # a copy: the gradient's storage may be reused (a DDP bucket view)
+        if holds_every_entry(indices, flat.numel()):  # a copy: the gradient's storage may be reused (a DDP bucket view)
             return flat.to(torch.float32, copy=True)
         return flat.index_select(0, indices).float()
     if grad.is_coalesced() and grad._nnz() == indices.numel():

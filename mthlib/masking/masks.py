@@ -43,6 +43,14 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < INT32_LIMIT else torch.int64
 
 
+def holds_every_entry(indices: torch.Tensor, numel: int) -> bool:
+    """Whether a mask's indices (sorted and distinct, as :class:`Masks` keeps them) name all ``numel`` entries.
+
+    Such a complete mask lets its parameter be read and updated whole, without index gathers.
+    """
+    return indices.numel() == numel
+
+
 class Masks:
     """Trainable entries per parameter, as flat sorted unique indices.
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from mthlib.masking.gradients import remap_values
-from mthlib.masking.masks import Masks
+from mthlib.masking.masks import Masks, holds_every_entry
 from mthlib.masking.state import SparseState
 
 _STATE_KEYS = ("exp_avg", "exp_avg_sq")
@@ -178,7 +178,7 @@ class SparseAdamW(torch.optim.Optimizer):
             step = float(state["step"])
             idx = indices[name]
             flat = param.view(-1)
-            whole = idx.numel() == flat.numel()  # sorted distinct indices of every entry: update in place, no gather
+            whole = holds_every_entry(idx, flat.numel())  # update in place, no gather
             if "master" in state:
                 weight = state["master"]
             else:  # an fp32 parameter

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mthlib.fingerprint import state_fingerprint
-from mthlib.masking.masks import Masks
+from mthlib.masking.masks import Masks, holds_every_entry
 
 
 def _parameters(model: nn.Module, masks: Masks) -> dict[str, nn.Parameter]:
@@ -38,7 +38,7 @@ def gather_values(model: nn.Module, masks: Masks, copy: bool = True) -> dict[str
     values = {}
     for name, idx in masks.items():
         flat = params[name].detach().reshape(-1)
-        if not copy and idx.numel() == flat.numel():  # sorted distinct indices of every entry
+        if not copy and holds_every_entry(idx, flat.numel()):
             values[name] = flat
         else:
             values[name] = flat.index_select(0, idx.to(flat.device))
