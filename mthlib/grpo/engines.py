@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicLayer
 
 from mthlib.grpo.padding import attention_rows, pad_rows
-from mthlib.grpo.policy_copy import PolicyCopy
+from mthlib.grpo.policy_copy import PolicyCopy, packing_supported
 from mthlib.masking import SparseState
 from mthlib.models import DTYPES
 
@@ -265,7 +265,9 @@ class NativeEngine(RolloutEngine):
             dtype (``None``: the policy itself), brought to the policy's current weights, rounded,
             by :meth:`load_weights` before every batch: a ``bfloat16`` copy of an fp32 policy
             decodes faster on hardware with bf16 matmuls (its matrices pre-packed on such CPUs)
-            while the loss still scores the samples in fp32.
+            while the loss still scores the samples in fp32. A policy already in this dtype is
+            sampled from directly, except where its matrices can be pre-packed: then the copy
+            holds its weights bitwise, in the packed layout.
     """
 
     def __init__(self, seed: int = 0, compile: bool = False, dtype: str | None = None) -> None:
@@ -284,9 +286,16 @@ class NativeEngine(RolloutEngine):
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.generator.set_state(state["generator"])
 
+    def _samples_from_policy(self, model: PreTrainedModel) -> bool:
+        """Whether ``model`` samples its own turns: no :attr:`dtype`, or already in it with nothing to pack."""
+        if self.dtype is None:
+            return True
+        dtype = DTYPES[self.dtype]
+        return model.dtype == dtype and not packing_supported(dtype, model.device)
+
     def load_weights(self, model: PreTrainedModel, state: SparseState | None) -> None:
-        """Bring the copy in :attr:`dtype` (built on first use) to ``model``'s weights: nothing without a dtype."""
-        if self.dtype is None or model.dtype == DTYPES[self.dtype]:
+        """Bring the copy in :attr:`dtype` (built on first use) to ``model``'s weights: nothing without a copy."""
+        if self._samples_from_policy(model):
             return
         if self._copy is None or self._copy.policy is not model:
             self._copy = PolicyCopy(model, DTYPES[self.dtype])
@@ -299,7 +308,7 @@ class NativeEngine(RolloutEngine):
 
     def policy_copy(self, model: PreTrainedModel) -> PreTrainedModel:
         """What samples ``model``'s turns: ``model`` itself, or its copy in :attr:`dtype` as of :meth:`load_weights`."""
-        if self.dtype is None or model.dtype == DTYPES[self.dtype]:
+        if self._samples_from_policy(model):
             return model
         if self._copy is None or self._copy.policy is not model or not self._copy.loaded:
             raise RuntimeError("NativeEngine.load_weights(model, state) must run before sampling from a copy in "

@@ -1,8 +1,9 @@
-"""A copy of a policy in another dtype to sample from, with its matrices pre-packed for the CPU's bf16 units.
+"""A copy of a policy in a given dtype to sample from, with its matrices pre-packed for the CPU's bf16 units.
 
 The native rollout engine can sample from a bf16 copy of an fp32 policy (``rollout_dtype``):
 bf16 matrix products run ~2.3x faster on CPUs with avx512_bf16 or AMX, while the loss still
-scores the samples in fp32. On such CPUs ``torch.nn.functional.linear`` with a bf16 weight
+scores the samples in fp32. A bf16 policy gets a copy only for the packed layout below (its
+weights bitwise). On such CPUs ``torch.nn.functional.linear`` with a bf16 weight
 re-lays the weight out into oneDNN's blocked format on every call; at decode batch sizes (16
 rows) that is a large part of the product. :class:`PackedLinear` keeps the weight in that
 layout, packed once per batch of rollouts, which takes a decode step of SmolLM2-135M from 57

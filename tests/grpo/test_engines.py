@@ -12,7 +12,7 @@ from mthlib.grpo.engines import (
     HFEngine, NativeEngine, PreallocatedLayer, SamplingConfig, draw, make_engine, next_token_scores, prefill,
     top_k_candidates,
 )
-from mthlib.grpo.policy_copy import copy_weights
+from mthlib.grpo.policy_copy import PackedLinear, copy_weights, packing_supported
 from mthlib.grpo.rollout import generate_rollout
 from mthlib.masking import SparseState, build_mask
 from mthlib.models import load_model
@@ -220,6 +220,30 @@ def test_a_bf16_copy_samples_what_the_policy_loaded_in_bf16_samples(tmp_path):
     engine.load_weights(model, None)
     assert engine.sample_turn(model, tok, contexts, greedy) == batches[1]
     assert model.dtype == torch.float32  # the policy itself is untouched
+
+
+def test_a_bf16_policy_samples_from_its_own_weights_packed_where_the_cpu_packs_them(tmp_path):
+    fp32, tok = varied_lm(7)
+    fp32.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, _ = load_model(str(tmp_path), "bfloat16")
+    contexts = contexts_of(tok, ["Sort: b, a", "a much longer prompt"], repeat=2)
+    greedy = SamplingConfig(max_completion_length=10, greedy=True)
+    engine = NativeEngine(dtype="bfloat16")
+    engine.load_weights(model, None)
+    sampler = engine.policy_copy(model)
+    packs = packing_supported(torch.bfloat16, model.device)
+    assert (sampler is not model) == packs  # a copy only to hold the packed layout
+    assert any(isinstance(module, PackedLinear) for module in sampler.modules()) == packs
+    for name, weight in copy_weights(sampler).items():
+        assert torch.equal(weight, model.get_parameter(name)), name  # the policy's bf16 weights, bitwise
+    assert engine.sample_turn(model, tok, contexts, greedy) == NativeEngine().sample_turn(model, tok, contexts, greedy)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.mul_(-2)
+    engine.load_weights(model, None)  # the next batch samples from the changed weights
+    assert torch.equal(copy_weights(engine.policy_copy(model))["model.layers.1.mlp.up_proj.weight"],
+                       model.model.layers[1].mlp.up_proj.weight)
+    assert NativeEngine().policy_copy(model) is model  # without a rollout dtype nothing is copied
 
 
 def test_a_masked_runs_bf16_copy_follows_its_trained_entries():
