@@ -1,5 +1,6 @@
 """Masked linear layers: active-entry weight gradients equal the dense gradient there; nothing else changes."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -32,6 +33,28 @@ def test_active_entry_gradient_equals_dense_gradient_at_the_mask():
     torch.testing.assert_close(layer.bias.grad, dense_b)
     swap.restore()
     assert model[0] is layer
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_active_entry_gradient_under_bf16_autocast_is_the_fp32_product_of_the_bf16_factors(weight_dtype):
+    """bf16 activations and output gradients (bf16 weights, or fp32 ones under autocast): the active
+    entries get sum_n grad_out[n, r] * x[n, c] accumulated in fp32, in the weight's dtype."""
+    torch.manual_seed(1)
+    layer = nn.Linear(24, 40, bias=False).to(weight_dtype)
+    idx = torch.randperm(24 * 40)[:30].sort().values
+    x = torch.randn(2, 7, 24).bfloat16()
+    grad_out = torch.randn(2, 7, 40).bfloat16()
+    model = nn.Sequential(layer)
+    wrap_linear_layers(model, {"0.weight": idx})
+    with torch.autocast("cpu", torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    out.backward(grad_out)
+    expected = (grad_out.reshape(-1, 40).float().t() @ x.reshape(-1, 24).float()).reshape(-1)[idx]
+    values = layer.weight.grad.coalesce().values()
+    assert values.dtype == weight_dtype
+    tolerance = 1e-6 if weight_dtype == torch.float32 else 2 ** -8  # fp32 summation order; one bf16 rounding
+    torch.testing.assert_close(values.float(), expected, rtol=tolerance, atol=1e-6)
 
 
 def test_dense_mode_and_dense_masks_keep_the_ordinary_backward():
