@@ -23,8 +23,19 @@ loss, group-scaled rewards:
 (the native engine's ``rollout_dtype``; needs ``--rollout_engine native``). ``--bf16_mixed``
 trains every training variant under bf16 autocast with fp32 weights (TRL's ``bf16=True``,
 Lightning's ``precision: bf16-mixed``). ``--mthlib_dtype bfloat16`` gives the mthlib variants
-bf16 weights instead (``--model.dtype``; a masked run keeps fp32 master values of its active
-entries, a dense one updates the bf16 weights directly).
+bf16 weights instead, as the quickstart has them (``--model.dtype``; a masked run keeps fp32
+master values of its active entries, a dense one updates the bf16 weights directly, so at
+``--lr_full`` most of its updates round away: it stands for the cost of a dense step only).
+
+Sampled completions differ in length from variant to variant (a Fisher run soon writes all
+48 tokens, a dense one ~25), and the train part grows with them, so per-step train times mix
+the mask's cost with what the policy wrote. The two goals about the training step itself are
+therefore measured on one fixed batch as well (``--fixed_steps``, 0 to skip): the quickstart's
+prompts with ``--max_new_tokens`` completion tokens each, timed by ``bench/train_step.py`` for
+dense, mask0, random99 and fisher99 (its mask from the fit's file) in the run's dtype and
+autocast, with prefix trees, checkpointing and the quickstart's log-prob chunk: forward,
+backward, clipping and the optimizer step, plus a fiftieth of one frozen-entry check (a fit
+runs it every 50 steps).
 
 Every variant runs in its own process, so each peak RSS (``os.wait4``) is that variant's
 alone. Times are means over steps 2..N (step 1 warms up). Python children print one JSON
@@ -58,9 +69,19 @@ GOALS = [  # (label, numerator, denominator, column, bound; a negative bound is 
     ("fisher99 s/step vs TRL+SHiRA", "mthlib_fisher99", "trl_shira", "step_s", 0.2),
     ("fisher99 peak RSS vs TRL full", "mthlib_fisher99", "trl_full", "rss_gib", 0.15),
     ("random99 train s/step (step minus generation) vs mthlib dense", "mthlib_random99", "mthlib_dense", "train_s", 0.6),
+    ("random99 forward+backward+optimizer vs dense, one fixed batch", "fixed_random99", "fixed_dense", "train_s", 0.6),
+    ("fisher99 forward+backward+optimizer vs dense, one fixed batch", "fixed_fisher99", "fixed_dense", "train_s", 0.6),
     ("mthlib random99 rollout tokens/s vs HF generate", "mthlib_random99", "hf_generate", "tokens_per_s", -3.0),
     ("masking overhead: mask0 train s/step vs mthlib dense", "mthlib_mask0", "mthlib_dense", "train_s", 1.03),
+    ("masking overhead: mask0 vs dense, one fixed batch", "fixed_mask0", "fixed_dense", "train_s", 1.03),
 ]
+FIXED_BATCH = {  # fixed-batch variant -> bench/train_step.py's mask arguments
+    "dense": ["--mask", "dense"],
+    "mask0": ["--mask", "random", "--sparsity", "0.0"],
+    "random99": ["--mask", "random", "--sparsity", "0.99"],
+    "fisher99": ["--mask", "file"],  # with --mask_path: the mask mthlib_fisher99 trained
+}
+VERIFY_EVERY = 50  # MaskCallback's default: steps between two frozen-entry checks
 
 
 def quickstart_env():
@@ -239,6 +260,26 @@ def mthlib_variant(variant: str, args: argparse.Namespace, out: Path) -> dict:
             "tokens": [length * args.prompts * args.generations for length in values["completions/mean_length"]]}
 
 
+def fixed_batch_variant(name: str, args: argparse.Namespace, out: Path) -> dict | None:
+    """``bench/train_step.py`` for ``name`` on the fixed batch; ``None`` for fisher99 without a built mask."""
+    mask = out / "fisher99.safetensors"
+    if name == "fisher99" and not mask.is_file():
+        return None
+    chunk = yaml.safe_load(QUICKSTART.read_text())["model"]["logprob_chunk_size"]
+    command = [sys.executable, str(Path(__file__).with_name("train_step.py")), *FIXED_BATCH[name], "--model", args.model,
+               "--steps", str(args.fixed_steps), "--prompts", str(args.prompts), "--generations", str(args.generations),
+               "--completion", str(args.max_new_tokens), "--chunk", str(chunk), "--pack_prefixes",
+               "--dtype", args.mthlib_dtype]
+    command += ["--mask_path", str(mask)] if name == "fisher99" else []
+    command += ["--gradient_checkpointing"] if args.gradient_checkpointing else []
+    command += ["--bf16_mixed"] if args.bf16_mixed else []
+    stdout, rss = run_measured(command, out / f"fixed_{name}.log")
+    timed = json.loads(stdout.strip().splitlines()[-1])
+    return {"trainable_fraction": None, "rss_gib": rss, "step_s": timed["step_s"], "generation_s": float("nan"),
+            "train_s": timed["step_s"] + timed["verify_s"] / VERIFY_EVERY, "tokens_per_s": float("nan"),
+            "optimizer_s": timed["optimizer_s"], "verify_s": timed["verify_s"]}
+
+
 def summarize(raw: dict) -> dict:
     """Means over steps 2..N: s/step, generation s/step, generated tokens per generation second."""
     generation, step = mean_after_warmup(raw["generation_s"]), mean_after_warmup(raw["step_s"])
@@ -255,7 +296,7 @@ def print_report(results: dict[str, dict]) -> None:
     print("\n| variant | trainable fraction | s/step | generation s/step | train s/step | generated tokens/s "
           "| peak RSS GiB | s/step ÷ trl_full | peak RSS ÷ trl_full |\n|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        step_ratio = r["step_s"] / base["step_s"] if base else None
+        step_ratio = r["step_s"] / base["step_s"] if base and not name.startswith("fixed_") else None  # no sampling
         rss_ratio = r["rss_gib"] / base["rss_gib"] if base else None
         print(f"| {name} | {fmt(r['trainable_fraction'], '.4%')} | {r['step_s']:.3f} | {fmt(r['generation_s'], '.3f')} "
               f"| {fmt(r['train_s'], '.3f')} | {fmt(r['tokens_per_s'], '.1f')} | {r['rss_gib']:.2f} | {fmt(step_ratio, '.3f')} | {fmt(rss_ratio, '.3f')} |")
@@ -292,6 +333,8 @@ def main() -> None:
     parser.add_argument("--bf16_mixed", action="store_true",
                         help="train under bf16 autocast (fp32 weights): TRL's bf16=True, mthlib's --trainer.precision bf16-mixed")
     parser.add_argument("--fisher_samples", type=int, default=64, help="calibration samples of the Fisher mask")
+    parser.add_argument("--fixed_steps", type=int, default=4,
+                        help="steps of each fixed-batch variant (means over steps 2..N); 0 skips them")
     parser.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants, from: " + ", ".join(VARIANTS))
     parser.add_argument("--out", type=Path, default=None, help="keep run folders here and write side_by_side.json")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -318,6 +361,12 @@ def main() -> None:
         raw[variant] = measure(variant, args, out)
         results[variant] = summarize(raw[variant])
         print(f"{variant}: {json.dumps(results[variant])}", flush=True)
+    for name in FIXED_BATCH if args.fixed_steps else ():
+        print(f"timing fixed_{name} ...", flush=True)
+        fixed = fixed_batch_variant(name, args, out)
+        if fixed is not None:
+            results[f"fixed_{name}"] = fixed
+            print(f"fixed_{name}: {json.dumps(fixed)}", flush=True)
     print_report(results)
     if args.out:
         (out / "side_by_side.json").write_text(json.dumps(

@@ -6,11 +6,13 @@ entries, optimizer-state bytes, peak RSS. ``bench/masking.py`` runs it once per 
 every peak RSS is that variant's own.
 
     python bench/train_step.py --mask random --sparsity 0.99
+    python bench/train_step.py --mask file --mask_path fisher99.safetensors --dtype bfloat16 --bf16_mixed
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -40,13 +42,14 @@ def synthetic_rollout(tokenizer, prompts: int, generations: int, completion: int
     del data
     width = max(len(r) for r in rows) + completion
     gen = torch.Generator().manual_seed(seed)
+    high = min(20000, len(tokenizer))  # ordinary tokens of a real vocabulary, any of a tiny test model's
     ids = torch.full((len(rows), width), tokenizer.pad_token_id)
     attention = torch.zeros_like(ids)
     loss_mask = torch.zeros_like(ids)
     for i, row in enumerate(rows):
         n = len(row)
         ids[i, :n] = torch.tensor(row)
-        ids[i, n:n + completion] = torch.randint(100, 20000, (completion,), generator=gen)
+        ids[i, n:n + completion] = torch.randint(min(100, high // 2), high, (completion,), generator=gen)
         attention[i, :n + completion] = 1
         loss_mask[i, n:n + completion] = 1
     return ids, attention, loss_mask
@@ -54,8 +57,13 @@ def synthetic_rollout(tokenizer, prompts: int, generations: int, completion: int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="embedded", help="'embedded' or a local Hugging Face folder")
     parser.add_argument("--mask", default="dense", help="registered strategy name, or 'dense'")
     parser.add_argument("--sparsity", type=float, default=0.99)
+    parser.add_argument("--mask_path", default=None, help="the mask file of --mask file (mth masks build --out)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="parameter dtype (bfloat16: a masked run keeps fp32 master values of its active entries)")
+    parser.add_argument("--bf16_mixed", action="store_true", help="forward and loss under bf16 autocast, as bf16-mixed")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--prompts", type=int, default=2)
     parser.add_argument("--generations", type=int, default=8)
@@ -68,7 +76,7 @@ def main() -> None:
     parser.add_argument("--calibration_batch_size", type=int, default=8, help="sequences per calibration pass")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(args.model, args.dtype)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     ids, attention, loss_mask = synthetic_rollout(tokenizer, args.prompts, args.generations, args.completion)
@@ -77,7 +85,8 @@ def main() -> None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
         trainable = sum(p.numel() for p in model.parameters())
     else:
-        strategy = build_mask(args.mask, sparsity=args.sparsity)
+        strategy = build_mask("file", path=args.mask_path) if args.mask == "file" else build_mask(
+            args.mask, sparsity=args.sparsity)
         batches = None
         if strategy.needs_calibration:
             data = PromptDataModule(env=QUICKSTART_ENV)
@@ -93,10 +102,14 @@ def main() -> None:
     objective = GRPOObjective(loss_type="dapo", epsilon=0.2)
     model.train()
     times, optimizer_times, verify_times = [], [], []
+    autocast = (lambda: torch.autocast(model.device.type, torch.bfloat16)) if args.bf16_mixed else contextlib.nullcontext
     for _ in range(args.steps):
         start = time.perf_counter()
-        logps, _ = token_logprobs(model, ids, attention, loss_mask, chunk_size=args.chunk, pack_prefixes=args.pack_prefixes)
-        objective.loss(logps, logps.detach(), advantages, loss_mask, norm)[0].backward()
+        with autocast():
+            logps, _ = token_logprobs(model, ids, attention, loss_mask, chunk_size=args.chunk,
+                                      pack_prefixes=args.pack_prefixes)
+            loss = objective.loss(logps, logps.detach(), advantages, loss_mask, norm)[0]
+        loss.backward()
         clip_gradients(model, optimizer, 1.0)
         before_optimizer = time.perf_counter()
         optimizer.step()
@@ -110,7 +123,8 @@ def main() -> None:
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                 if isinstance(t, torch.Tensor))
     print(json.dumps({
-        "variant": (args.mask if args.mask == "dense" else f"{args.mask} {args.sparsity:g}")
+        "variant": (args.mask if args.mask in ("dense", "file") else f"{args.mask} {args.sparsity:g}")
+        + (f" {args.dtype}" if args.dtype != "float32" else "") + (" +bf16-mixed" if args.bf16_mixed else "")
         + (" +ckpt" if args.gradient_checkpointing else "")
         + (" +packed" if args.pack_prefixes else "")
         + (f" +mmap {os.environ['MALLOC_MMAP_THRESHOLD_']}" if "MALLOC_MMAP_THRESHOLD_" in os.environ else ""),
