@@ -22,8 +22,10 @@ def _run_folder_files(folder: Path, output: str) -> None:
         assert (run / name).is_file(), f"the quickstart page lists {name} in the run folder"
     assert (folder / "runs" / "quickstart" / "version_1").is_dir(), "a second run of the config is version_1"
     config = yaml.safe_load((run / "config.yaml").read_text())
-    settings = (config["model"]["rollout_engine"], config["model"]["rollout_dtype"], config["trainer"]["precision"])
-    assert settings == ("native", "bfloat16", "bf16-mixed"), "README: the quickstart samples from a bf16 copy, bf16-mixed"
+    settings = (config["model"]["dtype"], config["model"]["rollout_engine"], config["model"]["rollout_dtype"],
+                config["trainer"]["precision"])
+    assert settings == ("bfloat16", "native", "bfloat16", "bf16-mixed"), (
+        "README: the quickstart keeps bf16 weights, samples with the native engine in bf16, bf16-mixed")
 
 
 def _strategy_listed(folder: Path, output: str) -> None:
@@ -66,6 +68,7 @@ def _fp32_settings_recorded(folder: Path, output: str) -> None:
     config = yaml.safe_load((folder / "runs" / "quickstart" / "version_0" / "config.yaml").read_text())
     assert config["trainer"]["precision"] == "32-true", "the fp32 command overrides the quickstart's bf16-mixed"
     assert (config["model"]["rollout_engine"], config["model"]["rollout_dtype"]) == ("hf", None)
+    assert config["model"]["dtype"] == "float32", "the fp32 command overrides the quickstart's bf16 weights"
 
 
 CLAIMS: dict[str, Callable[[Path, str], None]] = {

@@ -118,12 +118,9 @@ SKIPPED: dict[tuple[str, str], tuple[str, str]] = {
                                     "--trainer.accelerator gpu"): (GPU, "true"),
     ("docs/tutorials/packing.rst", "python bench/prefix_packing.py --prompts 2 --generations 8 --max_new_tokens 48"): (
         "a benchmark of the real embedded model, run from the repository", "true"),
-    ("docs/tutorials/precision.rst", "python bench/side_by_side.py --steps 3 --rollout_engine native --rollout_dtype bfloat16 "
-                                     "--bf16_mixed"): (
+    ("docs/tutorials/precision.rst", "python bench/side_by_side.py --steps 4 --rollout_engine native --rollout_dtype bfloat16 "
+                                     "--bf16_mixed --mthlib_dtype bfloat16"): (
         "a benchmark of the real embedded model beside TRL (the bench extra), tens of minutes", "true"),
-    ("docs/tutorials/precision.rst", "python bench/side_by_side.py --steps 3 --rollout_engine native --bf16_mixed "
-                                     "--mthlib_dtype bfloat16 --only trl_full,mthlib_random99,mthlib_fisher99"): (
-        "a benchmark of the real embedded model beside TRL (the bench extra), minutes", "true"),
     ("docs/tutorials/rollouts.rst", "mth fit --config configs/mth/qwen2.5-0.5b-fisher99.yaml --model.rollout_engine vllm "
                                     "--trainer.accelerator gpu --trainer.strategy ddp_sparse --trainer.devices 8 "
                                     "--data.batch_size 1"): (GPU, "true"),
