@@ -32,14 +32,18 @@ DENSE_FRACTION = 0.25
 class _ActiveEntryProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, pattern, rows, cols):  # noqa: ANN001, ANN205 - autograd signature
-        ctx.save_for_backward(x, weight)
+        used = weight
+        if torch.is_autocast_enabled(x.device.type):  # cast once, as autocast would, and keep the cast for backward
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, used, bias = x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+        ctx.save_for_backward(x, used)
         ctx.pattern, ctx.rows, ctx.cols = pattern, rows, cols
-        ctx.has_bias = bias is not None
-        return F.linear(x, weight, bias)
+        ctx.has_bias, ctx.weight_dtype, ctx.weight_shape = bias is not None, weight.dtype, weight.shape
+        return F.linear(x, used, bias)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205 - autograd signature
-        x, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors  # the weight as the forward product used it
         grad_x = grad_out @ weight.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
         grad_w = grad_b = None
@@ -50,7 +54,7 @@ class _ActiveEntryProduct(torch.autograd.Function):
             grad_t = torch.empty(flat_grad.shape[::-1], dtype=torch.float32, device=flat_grad.device)
             sampled = torch.sparse.sampled_addmm(ctx.pattern, grad_t.copy_(flat_grad.t()), flat_x, beta=0.0)
             grad_w = torch.sparse_coo_tensor(
-                torch.stack([ctx.rows, ctx.cols]), sampled.values().to(weight.dtype), weight.shape,
+                torch.stack([ctx.rows, ctx.cols]), sampled.values().to(ctx.weight_dtype), ctx.weight_shape,
                 is_coalesced=True, check_invariants=False,
             )
         if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -1,5 +1,7 @@
 """Masked linear layers: active-entry weight gradients equal the dense gradient there; nothing else changes."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -36,21 +38,27 @@ def test_active_entry_gradient_equals_dense_gradient_at_the_mask():
 
 
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
-def test_active_entry_gradient_under_bf16_autocast_is_the_fp32_product_of_the_bf16_factors(weight_dtype):
-    """bf16 activations and output gradients (bf16 weights, or fp32 ones under autocast): the active
-    entries get sum_n grad_out[n, r] * x[n, c] accumulated in fp32, in the weight's dtype."""
+def test_under_bf16_autocast_a_masked_layer_computes_what_autocast_computes_and_fp32_active_gradients(weight_dtype):
+    """The output and the input and bias gradients are bitwise those of the same ``nn.Linear`` under
+    autocast; the active entries get sum_n grad_out[n, r] * x[n, c] of the bf16 factors in fp32."""
     torch.manual_seed(1)
-    layer = nn.Linear(24, 40, bias=False).to(weight_dtype)
+    layer = nn.Linear(24, 40).to(weight_dtype)
+    plain = copy.deepcopy(layer)
     idx = torch.randperm(24 * 40)[:30].sort().values
-    x = torch.randn(2, 7, 24).bfloat16()
+    x = torch.randn(2, 7, 24, dtype=weight_dtype, requires_grad=True)
+    x_plain = x.detach().clone().requires_grad_()
     grad_out = torch.randn(2, 7, 40).bfloat16()
     model = nn.Sequential(layer)
     wrap_linear_layers(model, {"0.weight": idx})
     with torch.autocast("cpu", torch.bfloat16):
-        out = model(x)
-    assert out.dtype == torch.bfloat16
+        out, out_plain = model(x), plain(x_plain)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, out_plain)
     out.backward(grad_out)
-    expected = (grad_out.reshape(-1, 40).float().t() @ x.reshape(-1, 24).float()).reshape(-1)[idx]
+    out_plain.backward(grad_out)
+    assert x.grad.dtype == weight_dtype and torch.equal(x.grad, x_plain.grad)
+    assert layer.bias.grad.dtype == weight_dtype and torch.equal(layer.bias.grad, plain.bias.grad)
+    factors = grad_out.reshape(-1, 40).float().t(), x.detach().bfloat16().reshape(-1, 24).float()
+    expected = (factors[0] @ factors[1]).reshape(-1)[idx]
     values = layer.weight.grad.coalesce().values()
     assert values.dtype == weight_dtype
     tolerance = 1e-6 if weight_dtype == torch.float32 else 2 ** -8  # fp32 summation order; one bf16 rounding
