@@ -17,11 +17,11 @@ import time
 
 import torch
 
-from mthlib.envs import AlphabetSort
 from mthlib.grpo.engines import SamplingConfig, make_engine
 from mthlib.grpo.prefix_tree import pack_prefix_trees, scores_per_token
 from mthlib.grpo.rollout import generate_rollout, token_logprobs
 from mthlib.models import enable_activation_checkpointing, load_model
+from workload import quickstart_env
 
 
 def main() -> None:
@@ -35,8 +35,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, tokenizer = load_model()
     enable_activation_checkpointing(model)
-    env = AlphabetSort(min_turns=1, max_turns=1, min_names_per_turn=2, max_names_per_turn=3, power=1.0)
-    episodes = [episode for episode in env.episodes(0, args.prompts) for _ in range(args.generations)]
+    episodes = [episode for episode in quickstart_env().episodes(0, args.prompts) for _ in range(args.generations)]
     engine = make_engine("native", seed=0, rollout_dtype="bfloat16")
     with engine.weights_of(model, None):
         rollout = generate_rollout(model, tokenizer, episodes, SamplingConfig(args.max_new_tokens, 0.7, top_k=50), engine)

@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from mthlib.envs import AlphabetSort
 from mthlib.grpo.engines import SamplingConfig, make_engine
 from mthlib.grpo.rollout import prompt_tokens
 from mthlib.models import load_model
+from workload import quickstart_env
 
 
 def main() -> None:
@@ -34,8 +34,7 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model, args.dtype)
-    env = AlphabetSort(min_turns=1, max_turns=1, min_names_per_turn=2, max_names_per_turn=3, power=1.0)
-    contexts = [prompt_tokens(tokenizer, episode) for episode in env.episodes(0, args.prompts)
+    contexts = [prompt_tokens(tokenizer, episode) for episode in quickstart_env().episodes(0, args.prompts)
                 for _ in range(args.generations)]
     sampling = SamplingConfig(max_completion_length=args.max_new_tokens, temperature=0.7, top_k=50)
     rows = []

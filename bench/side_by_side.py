@@ -60,8 +60,8 @@ from pathlib import Path
 import yaml
 
 from mthlib.analysis.plot_run import read_metrics
+from workload import QUICKSTART, quickstart_config, quickstart_env
 
-QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 VARIANTS = ("trl_full", "trl_shira", "hf_generate", "mthlib_dense", "mthlib_mask0", "mthlib_random99", "mthlib_fisher99")
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 GOALS = [  # (label, numerator, denominator, column, bound; a negative bound is a floor: ratio >= -bound)
@@ -82,13 +82,6 @@ FIXED_BATCH = {  # fixed-batch variant -> bench/train_step.py's mask arguments
     "fisher99": ["--mask", "file"],  # with --mask_path: the mask mthlib_fisher99 trained
 }
 VERIFY_EVERY = 50  # MaskCallback's default: steps between two frozen-entry checks
-
-
-def quickstart_env():
-    """The quickstart's environment, built from its YAML so the two never drift apart."""
-    from mthlib.envs import AlphabetSort
-
-    return AlphabetSort(**yaml.safe_load(QUICKSTART.read_text())["data"]["env"]["init_args"])
 
 
 def mean_after_warmup(values: list[float]) -> float:
@@ -265,7 +258,7 @@ def fixed_batch_variant(name: str, args: argparse.Namespace, out: Path) -> dict 
     mask = out / "fisher99.safetensors"
     if name == "fisher99" and not mask.is_file():
         return None
-    chunk = yaml.safe_load(QUICKSTART.read_text())["model"]["logprob_chunk_size"]
+    chunk = quickstart_config()["model"]["logprob_chunk_size"]
     command = [sys.executable, str(Path(__file__).with_name("train_step.py")), *FIXED_BATCH[name], "--model", args.model,
                "--steps", str(args.fixed_steps), "--prompts", str(args.prompts), "--generations", str(args.generations),
                "--completion", str(args.max_new_tokens), "--chunk", str(chunk), "--pack_prefixes",

@@ -21,25 +21,19 @@ import time
 import torch
 
 from mthlib.data import PromptDataModule
-from mthlib.envs import AlphabetSort
 from mthlib.grpo.gradients import clip_gradients
 from mthlib.grpo.loss import Normalizer
 from mthlib.grpo.objective import GRPOObjective
-from mthlib.grpo.rollout import token_logprobs
+from mthlib.grpo.rollout import prompt_tokens, token_logprobs
 from mthlib.masking import SparseAdamW, SparseState, build_mask
-from mthlib.models import load_model
-
-QUICKSTART_ENV = AlphabetSort(power=1, min_turns=1, max_turns=1, min_names_per_turn=2, max_names_per_turn=3)
+from mthlib.models import enable_activation_checkpointing, load_model
+from workload import quickstart_env
 
 
 def synthetic_rollout(tokenizer, prompts: int, generations: int, completion: int, seed: int = 0):
     """Real quickstart prompts followed by ``completion`` random tokens each (loss on those)."""
-    data = PromptDataModule(env=QUICKSTART_ENV)
-    rows = []
-    for episode in QUICKSTART_ENV.episodes(seed, prompts):
-        text = tokenizer.apply_chat_template(episode.messages(), tokenize=False, add_generation_prompt=True)
-        rows += [tokenizer(text, add_special_tokens=False)["input_ids"]] * generations
-    del data
+    rows = [prompt_tokens(tokenizer, episode) for episode in quickstart_env().episodes(seed, prompts)
+            for _ in range(generations)]
     width = max(len(r) for r in rows) + completion
     gen = torch.Generator().manual_seed(seed)
     high = min(20000, len(tokenizer))  # ordinary tokens of a real vocabulary, any of a tiny test model's
@@ -78,7 +72,7 @@ def main() -> None:
     torch.manual_seed(0)
     model, tokenizer = load_model(args.model, args.dtype)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     ids, attention, loss_mask = synthetic_rollout(tokenizer, args.prompts, args.generations, args.completion)
     mask_seconds, state = 0.0, None
     if args.mask == "dense":
@@ -89,7 +83,7 @@ def main() -> None:
             args.mask, sparsity=args.sparsity)
         batches = None
         if strategy.needs_calibration:
-            data = PromptDataModule(env=QUICKSTART_ENV)
+            data = PromptDataModule(env=quickstart_env())
             batches = list(data.calibration_batches(tokenizer, args.calibration, args.calibration_batch_size, seed=0))
         start = time.perf_counter()
         masks = strategy.compute(model, batches)
