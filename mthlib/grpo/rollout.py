@@ -20,6 +20,7 @@ from mthlib.envs.base import Episode
 from mthlib.grpo.engines import HFEngine, RolloutEngine, SamplingConfig
 from mthlib.grpo.padding import attention_rows, pad_rows
 from mthlib.grpo.prefix_tree import pack_prefix_trees, scores_per_token
+from mthlib.grpo.token_scores import token_scores
 
 PACKABLE_ATTENTION = ("sdpa", "eager")  # attention implementations that take a 4-D mask as given
 
@@ -142,13 +143,7 @@ def generate_rollout(
 def _chunk_logprobs(
     hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = head(hidden).float() / temperature
-    logz = torch.logsumexp(logits, dim=-1)
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logz
-    with torch.no_grad():
-        probs = torch.softmax(logits.detach(), dim=-1)
-        entropy = logz.detach() - (probs * logits.detach()).sum(dim=-1)
-    return picked, entropy
+    return token_scores(head(hidden), targets, temperature)
 
 
 def _decoder_states(
