@@ -48,11 +48,15 @@ class _ActiveEntryProduct(torch.autograd.Function):
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
         grad_w = grad_b = None
         if ctx.needs_input_grad[1]:
-            flat_x = x.reshape(-1, x.shape[-1]).float()
-            # grad_out^T in fp32 written in one strided pass: ``.t().float().contiguous()`` converts and
-            # then transposes, ~2x the time of the whole sampled product for a bf16 MLP gradient
+            # grad_out^T and x^T in fp32, each written in one strided pass (``.t().float().contiguous()``
+            # converts, then transposes: twice the work). Handing x^T's transpose to the sampled product
+            # makes every active entry a dot product of two contiguous rows: 1.4 against 2.1 ms for a
+            # 1%-active 576x1536 gradient over 922 tokens, where x's columns are 6 KiB apart
+            flat_x = x.reshape(-1, x.shape[-1])
             grad_t = torch.empty(flat_grad.shape[::-1], dtype=torch.float32, device=flat_grad.device)
-            sampled = torch.sparse.sampled_addmm(ctx.pattern, grad_t.copy_(flat_grad.t()), flat_x, beta=0.0)
+            x_t = torch.empty(flat_x.shape[::-1], dtype=torch.float32, device=flat_x.device)
+            sampled = torch.sparse.sampled_addmm(
+                ctx.pattern, grad_t.copy_(flat_grad.t()), x_t.copy_(flat_x.t()).t(), beta=0.0)
             grad_w = torch.sparse_coo_tensor(
                 torch.stack([ctx.rows, ctx.cols]), sampled.values().to(ctx.weight_dtype), ctx.weight_shape,
                 is_coalesced=True, check_invariants=False,
