@@ -7,8 +7,9 @@ Backends behind one small interface, chosen by name (``GRPOModule(rollout_engine
   prefilled once and its KV cache shared by the rows that repeat it (a GRPO group repeats each
   prompt G times), finished rows leave the batch at once, and sampling (temperature, top-k,
   top-p, in ``generate``'s order) draws from a seeded ``torch.Generator``. Greedy decoding gives
-  the same tokens as ``generate``; ``compile=True`` wraps the decode-step forward in
-  ``torch.compile``;
+  the same tokens as ``generate``. Decode steps of Llama-family models skip the forward's
+  per-call machinery (:mod:`mthlib.grpo.decode_step`, bitwise the same logits);
+  ``compile=True`` wraps the decode-step forward in ``torch.compile`` instead;
 * ``vllm``: a vLLM engine whose weights follow the trainer's through sparse syncs
   (:mod:`mthlib.grpo.vllm_engine`; the ``vllm`` extra, on a GPU).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -25,6 +27,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicLayer
 
+from mthlib.grpo.decode_step import decode_logits, supports_decode_step
 from mthlib.grpo.padding import attention_rows, pad_rows
 from mthlib.grpo.policy_copy import PolicyCopy, packing_supported
 from mthlib.masking import SparseState
@@ -315,13 +318,26 @@ class NativeEngine(RolloutEngine):
                                f"{self.dtype}")
         return self._copy.model
 
-    def _decode_forward(self, model: PreTrainedModel) -> Callable:
-        """The model's forward for decode steps: compiled once per model when :attr:`compile` is set."""
-        if not self.compile:
-            return model
-        if self._compiled is None or self._compiled[0] is not model:
-            self._compiled = (model, torch.compile(model, dynamic=True))
-        return self._compiled[1]
+    def _decode_forward(self, model: PreTrainedModel) -> Callable[..., torch.Tensor]:
+        """``(tokens, attention_mask, positions, cache) -> logits`` of one decode step.
+
+        The model's forward compiled once per model when :attr:`compile` is set; else
+        :func:`~mthlib.grpo.decode_step.decode_logits` where it applies (bitwise the forward's
+        logits, without its per-call machinery); else the forward itself.
+        """
+        if not self.compile and supports_decode_step(model):
+            return functools.partial(decode_logits, model)
+        forward: Callable = model
+        if self.compile:
+            if self._compiled is None or self._compiled[0] is not model:
+                self._compiled = (model, torch.compile(model, dynamic=True))
+            forward = self._compiled[1]
+
+        def step(tokens: torch.Tensor, positions: torch.Tensor, attention_mask: torch.Tensor, cache: Cache):
+            return forward(input_ids=tokens[:, None], attention_mask=attention_mask, position_ids=positions[:, None],
+                           cache=cache, use_cache=True).logits[:, -1]
+
+        return step
 
     def _pick(self, logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
         """The next token of each row: greedy, or drawn from the filtered distribution.
@@ -367,9 +383,7 @@ class NativeEngine(RolloutEngine):
                 live, tokens, mask, last = live[index], tokens[index], mask[index], last[index]
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
             last = last + 1
-            out = forward(input_ids=tokens[:, None], attention_mask=mask, position_ids=last[:, None],
-                          cache=cache, use_cache=True)
-            logits = out.logits[:, -1]
+            logits = forward(tokens, last, mask, cache)
         return [(tokens, not done[row]) for row, tokens in enumerate(sampled)]
 
 
