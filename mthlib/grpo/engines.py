@@ -319,7 +319,7 @@ class NativeEngine(RolloutEngine):
         return self._copy.model
 
     def _decode_forward(self, model: PreTrainedModel) -> Callable[..., torch.Tensor]:
-        """``(tokens, attention_mask, positions, cache) -> logits`` of one decode step.
+        """``(tokens, positions, attention_mask, cache) -> logits`` of one decode step.
 
         The model's forward compiled once per model when :attr:`compile` is set; else
         :func:`~mthlib.grpo.decode_step.decode_logits` where it applies (bitwise the forward's
