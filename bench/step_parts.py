@@ -27,7 +27,8 @@ from collections.abc import Callable
 import torch
 
 from mthlib.grpo.decode_step import decode_logits
-from mthlib.grpo.engines import NativeEngine, prefill
+from mthlib.grpo.engines import NativeEngine
+from mthlib.grpo.kv_cache import prefill
 from mthlib.grpo.rollout import prompt_tokens
 from mthlib.grpo.token_scores import token_scores
 from mthlib.models import load_model

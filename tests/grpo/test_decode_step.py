@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, GPT2Config, Qwen2Config
 
 from mthlib.grpo.decode_step import decode_logits, supports_decode_step
-from mthlib.grpo.engines import prefill
+from mthlib.grpo.kv_cache import prefill
 from tests.conftest import make_tiny_lm
 
 

@@ -9,9 +9,9 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from mthlib.envs.base import Episode
 from mthlib.grpo.engines import (
-    HFEngine, NativeEngine, PreallocatedLayer, SamplingConfig, draw, make_engine, next_token_scores, prefill,
-    top_k_candidates,
+    HFEngine, NativeEngine, SamplingConfig, draw, make_engine, next_token_scores, top_k_candidates,
 )
+from mthlib.grpo.kv_cache import PreallocatedLayer, prefill
 from mthlib.grpo.policy_copy import PackedLinear, copy_weights, packing_supported
 from mthlib.grpo.rollout import generate_rollout
 from mthlib.masking import SparseState, build_mask
