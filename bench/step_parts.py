@@ -1,4 +1,4 @@
-"""Three parts of a GRPO step, each against the plain way of computing the same values, in one run.
+"""Four parts of a GRPO step, each against the plain way of computing the same values, in one run.
 
 * ``decode step``: one batch-16 decode step of the quickstart's contexts on the packed bf16
   copy, through the model's forward against :func:`mthlib.grpo.decode_step.decode_logits`
@@ -9,7 +9,11 @@
   :func:`mthlib.grpo.token_scores.token_scores`;
 * ``active-entry gradient``: the sampled product of a 1%-active weight gradient of each MLP /
   attention shape over the fixed batch's tree nodes, ``x`` as it comes (its columns strided)
-  against ``x^T`` written contiguous and handed over transposed, as the masked layers do.
+  against ``x^T`` written contiguous and handed over transposed, as the masked layers do;
+* ``tree attention``: one layer's attention over the fixed batch's prefix trees (the
+  quickstart's 2 prompts x 8 completions of 48 tokens), as under activation checkpointing
+  (a forward without gradients, then forward and backward): transformers' ``sdpa`` with the
+  trees' 4-D mask against :func:`mthlib.grpo.tree_attention.block_attention`.
 
 Prints milliseconds (median of ``--repeats``) and the ratio to the plain way.
 
@@ -29,9 +33,14 @@ import torch
 from mthlib.grpo.decode_step import decode_logits
 from mthlib.grpo.engines import NativeEngine
 from mthlib.grpo.kv_cache import prefill
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from mthlib.grpo.prefix_tree import pack_prefix_trees, scores_per_token
 from mthlib.grpo.rollout import prompt_tokens
 from mthlib.grpo.token_scores import token_scores
+from mthlib.grpo.tree_attention import block_attention, tree_blocks
 from mthlib.models import load_model
+from train_step import synthetic_rollout
 from workload import quickstart_env
 
 
@@ -134,6 +143,44 @@ def sampled_rows(args: argparse.Namespace) -> list[tuple[str, str, float, float,
     return rows
 
 
+def attention_rows(args: argparse.Namespace) -> list[tuple[str, str, float, float, str]]:
+    model, tokenizer = load_model(args.model, "bfloat16")
+    ids, attention, _ = synthetic_rollout(tokenizer, prompts=2, generations=8, completion=48)
+    trees = pack_prefix_trees(ids, attention, scores_per_token(model))
+    blocks = tree_blocks(trees.attention_mask)
+    layer = model.base_model.layers[0].self_attn
+    packs, width = trees.input_ids.shape
+    config, gen = model.config, torch.Generator().manual_seed(0)
+    shapes = {"query": config.num_attention_heads, "key": config.num_key_value_heads, "value": config.num_key_value_heads}
+    qkv = {name: torch.randn(packs, width, heads, layer.head_dim, generator=gen).bfloat16().requires_grad_()
+           for name, heads in shapes.items()}
+    upstream = torch.randn(packs, width, config.num_attention_heads * layer.head_dim, generator=gen).bfloat16()
+
+    def masked_sdpa():
+        q, k, v = (qkv[name].transpose(1, 2) for name in shapes)
+        out, _ = sdpa_attention_forward(layer, q, k, v, trees.attention_mask, dropout=0.0, scaling=layer.scaling)
+        return out.reshape(packs, width, -1)
+
+    def blocked():
+        return block_attention(qkv["query"], qkv["key"], qkv["value"], blocks, layer.scaling)
+
+    times = {}
+    for name, fn in (("sdpa", masked_sdpa), ("blocks", blocked)):
+        def run(fn=fn):
+            with torch.no_grad():
+                fn()
+            (fn() * upstream).sum().backward()
+            for tensor in qkv.values():
+                tensor.grad = None
+        times[name] = median_ms(run, args.repeats)
+    with torch.no_grad():
+        gap = (masked_sdpa().float() - blocked().float()).abs().max().item()
+    share = blocks.scores / (packs * width * width)
+    return [(f"tree attention, one layer ({packs} packs of {width} nodes, fwd + fwd/bwd)",
+             f"sdpa, 4-D mask → blocks of {blocks.size} ({share:.0%} of the scores)", times["sdpa"], times["blocks"],
+             f"largest difference {gap:.3g} (bf16 outputs)")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="embedded", help="'embedded' or a local Hugging Face folder (Llama-like)")
@@ -142,7 +189,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=922, help="tokens of the sampled products (the fixed batch's tree nodes)")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
-    rows = decode_rows(args) + logprob_rows(args) + sampled_rows(args)
+    rows = decode_rows(args) + logprob_rows(args) + sampled_rows(args) + attention_rows(args)
     print("| part | change | before ms | after ms | after ÷ before | check |")
     print("|---|---|---|---|---|---|")
     for part, change, before, after, check in rows:

@@ -13,7 +13,8 @@ their rows, and a 4-D attention mask of the ancestor relation. Rows are read bac
 gathering each row's path of nodes from the packed hidden states.
 
 A pack of ``S`` nodes computes ``S`` tokens and ``S**2`` attention scores (the mask
-saves no work in the attention kernels), so one large pack is not always cheapest: rows
+saves no work in the attention kernels; :mod:`mthlib.grpo.tree_attention` computes fewer
+for the decoders it supports), so one large pack is not always cheapest: rows
 are split into consecutive packs that minimise ``S + S**2 / scores_per_token`` summed
 over packs, where ``scores_per_token`` is how many attention scores cost the FLOPs of one
 token's matrix products (~3k for SmolLM2-135M). With long completions each prompt's G

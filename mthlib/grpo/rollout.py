@@ -21,6 +21,7 @@ from mthlib.grpo.engines import HFEngine, RolloutEngine, SamplingConfig
 from mthlib.grpo.padding import attention_rows, pad_rows
 from mthlib.grpo.prefix_tree import pack_prefix_trees, scores_per_token
 from mthlib.grpo.token_scores import token_scores
+from mthlib.grpo.tree_attention import supports_tree_attention, tree_hidden_states
 
 PACKABLE_ATTENTION = ("sdpa", "eager")  # attention implementations that take a 4-D mask as given
 
@@ -159,6 +160,8 @@ def _decoder_states(
         ).last_hidden_state
         return hidden[wanted]
     trees = pack_prefix_trees(input_ids, attention_mask, scores_per_token(model))
+    if supports_tree_attention(model):  # attention only where the trees allow it
+        return trees.gather(tree_hidden_states(model, trees), wanted)
     mask = trees.attention_mask
     if model.config._attn_implementation == "eager":  # eager attention adds its mask to the scores
         mask = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill_(
@@ -193,8 +196,9 @@ def token_logprobs(
         pack_prefixes: Run the decoder on the rows packed into prefix trees
             (:mod:`mthlib.grpo.prefix_tree`): a prefix that rows share, such as the prompt of a
             group's completions, is computed once. The values equal the unpacked ones up to
-            floating-point rounding. Models whose attention takes no 4-D mask (other than
-            ``sdpa`` and ``eager``) run unpacked.
+            floating-point rounding. Llama and Qwen2 decoders with ``sdpa`` attention compute it
+            only where the trees allow (:mod:`mthlib.grpo.tree_attention`); models whose attention
+            takes no 4-D mask (other than ``sdpa`` and ``eager``) run unpacked.
 
     Returns:
         ``(N, T)`` log-probabilities and ``(N, T)`` entropies (detached), 0 outside ``loss_mask``.

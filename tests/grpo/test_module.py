@@ -12,7 +12,9 @@ from mthlib.data import PromptDataModule
 from mthlib.grpo import GRPOModule
 from mthlib.grpo.loss import Normalizer, group_advantages
 from mthlib.grpo.objective import GRPOObjective
+from mthlib.grpo import rollout as rollout_module
 from mthlib.grpo.policy_copy import copy_weights
+from mthlib.grpo.prefix_tree import pack_prefix_trees
 from mthlib.grpo.rollout import generate_rollout
 from mthlib.masking import build_mask
 from tests.conftest import make_tiny_chat_lm, save_tiny_chat_lm
@@ -80,28 +82,21 @@ def test_gradient_checkpointing_gives_the_same_update(tiny_model_dir, tmp_path):
 
 
 
-class DecoderCallsModule(GRPOModule):
-    """A :class:`GRPOModule` that counts its decoder's calls on packed prefix trees (a 4-D attention mask)."""
+def test_packed_prefixes_give_the_update_of_unpacked_rows_in_every_log_prob_pass(tiny_model_dir, tmp_path, monkeypatch):
+    packings = []  # every log-prob pass on packed rows packs them once, the KL reference's included
 
-    def __init__(self, **options) -> None:
-        super().__init__(**options)
-        self.mask_dims: list[int] = []  # a plain function appends, so the KL reference (a deep copy) counts here too
-        dims = self.mask_dims
-        self.model.base_model.register_forward_pre_hook(
-            lambda module, args, kwargs: dims.append(kwargs["attention_mask"].dim()), with_kwargs=True)
+    def counted(*args, **kwargs):
+        packings.append(1)
+        return pack_prefix_trees(*args, **kwargs)
 
-    @property
-    def packed_calls(self) -> int:
-        return self.mask_dims.count(4)
-
-
-def test_packed_prefixes_give_the_update_of_unpacked_rows_in_every_log_prob_pass(tiny_model_dir, tmp_path):
+    monkeypatch.setattr(rollout_module, "pack_prefix_trees", counted)
     options = dict(steps=2, learning_rate=1e-2, num_generations=4, max_completion_length=4, micro_batch_size=3,
-                   env=LetterA("abcdefghijklm"), num_iterations=2, beta=0.1, module_class=DecoderCallsModule)
+                   env=LetterA("abcdefghijklm"), num_iterations=2, beta=0.1)
     packed, _ = fit(tiny_model_dir, tmp_path / "a", pack_prefixes=True, **options)
+    packed_calls = len(packings)
     rows, _ = fit(tiny_model_dir, tmp_path / "b", pack_prefixes=False, **options)
     # one rollout of 16 completions in 6 micro-batches: sampling-policy and reference log-probs, then two steps
-    assert packed.packed_calls == 6 * 4 and rows.packed_calls == 0
+    assert packed_calls == 6 * 4 and len(packings) == packed_calls
     base, _ = make_tiny_chat_lm(seed=3)
     for p, q, b in zip(packed.model.parameters(), rows.model.parameters(), base.parameters()):
         assert not torch.equal(p, b)

@@ -130,7 +130,7 @@ def test_the_decoder_sees_the_packed_tokens():
     rows = group_rows([list(range(10, 30))], generations=4)
     ids, attention, loss = batch(rows, [20] * 4)
     seen = []
-    handle = model.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape), with_kwargs=True)
+    handle = model.model.embed_tokens.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape))
     token_logprobs(model, ids, attention, loss, pack_prefixes=True)
     token_logprobs(model, ids, attention, loss, pack_prefixes=False)
     handle.remove()
