@@ -15,18 +15,20 @@ weights, but for the trained entries alone.
 
 Exactness: the update is :class:`torch.optim.AdamW`'s (decoupled weight decay
 ``p -= lr * wd * p``, bias-corrected moments, ``eps`` added to ``sqrt(v_hat)``) applied
-to the active entries only; entries outside the mask are never written, so they stay
-bitwise equal to their initial values whatever the weight decay or clipping.
+to the active entries only, computed by torch's fused AdamW kernel
+(:func:`torch.optim.adamw.adamw` with ``fused=True``: one pass over each vector instead of
+one per operation); entries outside the mask are never written, so they stay bitwise
+equal to their initial values whatever the weight decay or clipping.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+from torch.optim.adamw import adamw
 
 from mthlib.masking.gradients import remap_values
 from mthlib.masking.masks import Masks, holds_every_entry
@@ -168,14 +170,13 @@ class SparseAdamW(torch.optim.Optimizer):
         grads = self.sparse_state.gradients.buffers
         params = self.sparse_state.parameters
         indices = self._indices_on_devices()
+        weights, used, moments, squares, steps, write_back = [], [], [], [], [], []
         for name in self._names:
             grad = grads.get(name)
             if grad is None:
                 continue
             param = params[name]
             state = self.state[param]
-            state["step"] += 1
-            step = float(state["step"])
             idx = indices[name]
             flat = param.view(-1)
             whole = holds_every_entry(idx, flat.numel())  # update in place, no gather
@@ -183,17 +184,21 @@ class SparseAdamW(torch.optim.Optimizer):
                 weight = state["master"]
             else:  # an fp32 parameter
                 weight = flat if whole else flat.index_select(0, idx)
-            if wd != 0:
-                weight.mul_(1 - lr * wd)
-            state["exp_avg"].lerp_(grad, 1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            step_size = lr / (1 - beta1**step)
-            denom = (state["exp_avg_sq"].sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-            weight.addcdiv_(state["exp_avg"], denom, value=-step_size)
-            if not whole:
-                flat.index_copy_(0, idx, weight.to(param.dtype))
-            elif weight is not flat:  # fp32 master values of a low-precision parameter
+            weights.append(weight)
+            used.append(grad)
+            moments.append(state["exp_avg"])
+            squares.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+            if weight is not flat:
+                write_back.append((flat, None if whole else idx, weight))
+        if weights:  # torch's fused AdamW kernel: one pass over each tensor, the same update as AdamW's
+            adamw(weights, used, moments, squares, [], steps, fused=True, amsgrad=False, beta1=beta1, beta2=beta2,
+                  lr=lr, weight_decay=wd, eps=eps, maximize=False)
+        for flat, idx, weight in write_back:
+            if idx is None:  # fp32 master values of a whole low-precision parameter
                 flat.copy_(weight)
+            else:
+                flat.index_copy_(0, idx, weight.to(flat.dtype))
         self._last_grads.clear()
         self._last_grads.update(grads)
         return loss

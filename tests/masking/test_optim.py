@@ -327,13 +327,16 @@ def test_sparse_gradients_are_read_directly_or_densified():
 
 def _low_lr_run(model: torch.nn.Module, masks: Masks, keep_master: bool = True) -> SparseAdamW:
     optimizer = SparseAdamW(attached(model, masks), lr=1e-6, weight_decay=0.0)
-    if not keep_master:  # the straight write: each update rounded into the bf16 weight on its own
-        for state in optimizer.state.values():
-            state.pop("master")
+    params = optimizer.sparse_state.parameters
     for step in range(50):
         model(**batch(step % 4)).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
+        if not keep_master:  # the straight write: each update rounded into the bf16 weight on its own
+            for name in masks:
+                if masks.count(name):
+                    master = optimizer.state[params[name]]["master"]
+                    master.copy_(params[name].detach().view(-1)[masks[name]].float())
     return optimizer
 
 
