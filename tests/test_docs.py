@@ -98,10 +98,10 @@ def test_fragments_show_the_committed_measurements(tmp_path: Path) -> None:
     assert "44 min 18 s wall for\n45 steps and 3 evaluations, peak RSS 11.5 GiB" in skill
     train_rows = (DATA / "quickstart_curve" / "metrics.csv").read_text(encoding="utf-8").count("\n") - 2
     assert curve.count("   * - ") == 1 + train_rows == 13
-    for text in ("   * - 1\n     - 0.08\n     - 12%\n     - 0.05\n     - 3.7\n     - 2.1\n",
-                 "   * - 12\n     - 0.57\n     - 94%\n     - 0.39\n     - 2.8\n     - 1.3\n",
-                 "59 s wall", "peak RSS 1.5 GiB", "torch 2.13.0, transformers 5.25",
-                 "16 held-out prompts", "reward 0.68", "exact sorts 0%"):
+    for text in ("   * - 1\n     - 0.08\n     - 12%\n     - 0.05\n     - 3.7\n     - 2.0\n",
+                 "   * - 12\n     - 0.58\n     - 94%\n     - 0.39\n     - 4.8\n     - 2.2\n",
+                 "1 min 5 s wall", "peak RSS 1.6 GiB", "torch 2.13.0, transformers 5.25",
+                 "16 held-out prompts", "reward 0.75", "exact sorts 0%"):
         assert text in curve, text
     for text in ("2e-5", "from 6% to 88%", "134,515,008 entries", "   * - stored (fp32)\n     - 2.24\n",
                  "     - 25.04\n   * - bf16\n     - 87.78\n", "88% of the entries",
