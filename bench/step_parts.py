@@ -33,6 +33,7 @@ import torch
 from mthlib.grpo.decode_step import decode_logits
 from mthlib.grpo.engines import NativeEngine
 from mthlib.grpo.kv_cache import prefill
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mthlib.grpo.prefix_tree import pack_prefix_trees, scores_per_token
@@ -55,8 +56,9 @@ def median_ms(run: Callable[[], object], repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def decode_rows(args: argparse.Namespace) -> list[tuple[str, str, float, float, str]]:
-    model, tokenizer = load_model(args.model, "bfloat16")
+def decode_rows(
+    args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+) -> list[tuple[str, str, float, float, str]]:
     engine = NativeEngine(dtype="bfloat16")
     engine.load_weights(model, None)
     copy = engine.policy_copy(model)
@@ -143,8 +145,9 @@ def sampled_rows(args: argparse.Namespace) -> list[tuple[str, str, float, float,
     return rows
 
 
-def attention_rows(args: argparse.Namespace) -> list[tuple[str, str, float, float, str]]:
-    model, tokenizer = load_model(args.model, "bfloat16")
+def attention_rows(
+    args: argparse.Namespace, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+) -> list[tuple[str, str, float, float, str]]:
     ids, attention, _ = synthetic_rollout(tokenizer, prompts=2, generations=8, completion=48)
     trees = pack_prefix_trees(ids, attention, scores_per_token(model))
     blocks = tree_blocks(trees.attention_mask)
@@ -189,7 +192,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=922, help="tokens of the sampled products (the fixed batch's tree nodes)")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
-    rows = decode_rows(args) + logprob_rows(args) + sampled_rows(args) + attention_rows(args)
+    model, tokenizer = load_model(args.model, "bfloat16")  # the bf16 policy both model parts use
+    rows = (decode_rows(args, model, tokenizer) + logprob_rows(args) + sampled_rows(args)
+            + attention_rows(args, model, tokenizer))
     print("| part | change | before ms | after ms | after ÷ before | check |")
     print("|---|---|---|---|---|---|")
     for part, change, before, after, check in rows:

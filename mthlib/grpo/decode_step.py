@@ -9,12 +9,18 @@ MLP) with the padding mask the forward would build (none when no row is padded),
 logits are bitwise those of the forward
 (``tests/grpo/test_decode_step.py``).
 
+:func:`layer_forward` is that layer with its attention kernel supplied;
+:mod:`mthlib.grpo.tree_attention` runs it with attention over prefix trees.
+
 Only the architectures written exactly this way qualify (:func:`supports_decode_step`):
 Llama and Qwen2 (q/k/v biases) decoders whose layers all use full attention through
 ``sdpa``. Every other model decodes through its own forward.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel
@@ -59,15 +65,38 @@ def decode_logits(
     # as the forward does: no mask when no row is padded (attention then takes another kernel path)
     mask = None if bool(attention_mask.all()) else attention_mask.bool()[:, None, None, :]
     for index, layer in enumerate(decoder.layers):
-        attention = layer.self_attn
-        normed = layer.input_layernorm(hidden)
-        heads = (*normed.shape[:-1], -1, attention.head_dim)
-        query = attention.q_proj(normed).view(heads).transpose(1, 2)
-        key = attention.k_proj(normed).view(heads).transpose(1, 2)
-        value = attention.v_proj(normed).view(heads).transpose(1, 2)
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        key, value = cache.update(key, value, index)
-        attended, _ = sdpa_attention_forward(attention, query, key, value, mask, dropout=0.0, scaling=attention.scaling)
-        hidden = hidden + attention.o_proj(attended.reshape(*normed.shape[:-1], -1).contiguous())
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        attend = functools.partial(_cached_sdpa, layer.self_attn, cache, index, mask)
+        hidden = layer_forward(layer, hidden, cos, sin, attend)
     return model.get_output_embeddings()(decoder.norm(hidden))[:, -1]
+
+
+def layer_forward(
+    layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """One Llama / Qwen2 decoder layer from its modules, in the forward's order, with the attention kernel supplied.
+
+    ``attend(query, key, value)`` receives ``(B, S, heads, D)`` queries and ``(B, S, kv_heads, D)``
+    keys and values, rotary embedding applied, and returns ``(B, S, heads * D)``: the decode
+    step's cached ``sdpa`` here, :func:`~mthlib.grpo.tree_attention.block_attention` on prefix trees.
+    """
+    attention = layer.self_attn
+    normed = layer.input_layernorm(hidden)
+    heads = (*normed.shape[:-1], -1, attention.head_dim)
+    query = attention.q_proj(normed).view(heads)
+    key = attention.k_proj(normed).view(heads)
+    value = attention.v_proj(normed).view(heads)
+    query, key = apply_rotary_pos_emb(query, key, cos, sin, unsqueeze_dim=2)
+    hidden = hidden + attention.o_proj(attend(query, key, value))
+    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+
+def _cached_sdpa(
+    attention: torch.nn.Module, cache: Cache, index: int, mask: torch.Tensor | None,
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+) -> torch.Tensor:
+    """Layer ``index``'s attention of the new tokens over the cache extended by them, through transformers' ``sdpa``."""
+    key, value = cache.update(key.transpose(1, 2), value.transpose(1, 2), index)
+    attended, _ = sdpa_attention_forward(attention, query.transpose(1, 2), key, value, mask, dropout=0.0,
+                                         scaling=attention.scaling)
+    return attended.reshape(*query.shape[:2], -1).contiguous()

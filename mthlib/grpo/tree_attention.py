@@ -9,8 +9,8 @@ that is ~4x the ~50k scores the tree needs. On a 2-core CPU, ``sdpa``'s flash ke
 (``bench/step_parts.py``).
 
 :func:`tree_hidden_states` runs the decoder's modules itself, as the model's forward does
-(norms, projections, ``apply_rotary_pos_emb``, MLP, in the same order), and replaces the
-attention by :func:`block_attention`: the nodes are cut into blocks of consecutive nodes,
+(:func:`~mthlib.grpo.decode_step.layer_forward`: norms, projections, ``apply_rotary_pos_emb``,
+MLP, in the same order), and replaces the attention by :func:`block_attention`: the nodes are cut into blocks of consecutive nodes,
 and each block's queries meet only the keys some node of the block may attend to (its
 ancestors: the prompt and the block's own branch, :func:`tree_blocks`), in fp32 under
 the tree's mask. The values equal the masked forward's up to floating-point rounding
@@ -23,14 +23,14 @@ model runs its own forward with the 4-D mask.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from mthlib.grpo.decode_step import supports_decode_step
+from mthlib.grpo.decode_step import layer_forward, supports_decode_step
 from mthlib.grpo.prefix_tree import PrefixTrees
 
 BLOCK_SIZES = (32, 48, 64)
@@ -120,7 +120,8 @@ def block_attention(
         key, value = (x.float().transpose(1, 2).reshape(-1, dim).index_select(0, rows) for x in (key, value))
         shape = (packs, count, kv_heads, num_keys, dim)
         query = query.float().reshape(packs, count, kv_heads, group * size, dim) * scaling  # fewer entries than scores
-        scores = torch.matmul(query, key.view(shape).transpose(-1, -2)).view(packs, count, kv_heads, group, size, num_keys)
+        scores = torch.matmul(query, key.view(shape).transpose(-1, -2))
+        scores = scores.view(packs, count, kv_heads, group, size, num_keys)
         scores.masked_fill_(~blocks.allowed[:, :, None, None], float("-inf"))  # in place: the product keeps no output
         probs = scores.softmax(dim=-1).view(packs, count, kv_heads, group * size, num_keys)
         out = torch.matmul(probs, value.view(shape))  # (P, B, KV, G * size, D)
@@ -145,23 +146,9 @@ def tree_hidden_states(model: PreTrainedModel, trees: PrefixTrees) -> torch.Tens
     hidden = decoder.embed_tokens(trees.input_ids)
     cos, sin = decoder.rotary_emb(hidden, position_ids=trees.position_ids)
     for layer in decoder.layers:
+        attend = functools.partial(block_attention, blocks=blocks, scaling=layer.self_attn.scaling)
         if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
-            hidden = checkpoint(_layer_forward, layer, hidden, cos, sin, blocks, use_reentrant=False)
+            hidden = checkpoint(layer_forward, layer, hidden, cos, sin, attend, use_reentrant=False)
         else:
-            hidden = _layer_forward(layer, hidden, cos, sin, blocks)
+            hidden = layer_forward(layer, hidden, cos, sin, attend)
     return decoder.norm(hidden)
-
-
-def _layer_forward(
-    layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, blocks: TreeBlocks,
-) -> torch.Tensor:
-    """One Llama / Qwen2 decoder layer with :func:`block_attention` in place of its attention kernel."""
-    attention = layer.self_attn
-    normed = layer.input_layernorm(hidden)
-    heads = (*normed.shape[:-1], -1, attention.head_dim)
-    query = attention.q_proj(normed).view(heads)
-    key = attention.k_proj(normed).view(heads)
-    value = attention.v_proj(normed).view(heads)
-    query, key = apply_rotary_pos_emb(query, key, cos, sin, unsqueeze_dim=2)
-    hidden = hidden + attention.o_proj(block_attention(query, key, value, blocks, attention.scaling))
-    return hidden + layer.mlp(layer.post_attention_layernorm(hidden))

@@ -9,12 +9,13 @@ from mthlib.grpo.kv_cache import prefill
 from tests.conftest import make_tiny_lm
 
 
-def tiny(kind: str) -> torch.nn.Module:
-    """A tiny Llama (grouped-query attention), one with untied embeddings, or a Qwen2 (q/k/v biases)."""
+def tiny(kind: str, qwen2_heads: int = 4) -> torch.nn.Module:
+    """A tiny Llama (4 query heads on 2 key heads, 3 layers), one with untied embeddings, or a Qwen2
+    (q/k/v biases, ``qwen2_heads`` query heads of 8 dimensions on 2 key heads)."""
     if kind == "qwen2":
         torch.manual_seed(0)
-        config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        config = Qwen2Config(vocab_size=64, hidden_size=8 * qwen2_heads, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=qwen2_heads, num_key_value_heads=2, max_position_embeddings=256,
                              pad_token_id=0, eos_token_id=2)
         return AutoModelForCausalLM.from_config(config).eval()
     return make_tiny_lm(tie=kind != "untied", layers=3)

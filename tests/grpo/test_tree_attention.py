@@ -2,24 +2,18 @@
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
 
 from mthlib.grpo.prefix_tree import pack_prefix_trees
 from mthlib.grpo.tree_attention import TreeBlocks, supports_tree_attention, tree_blocks, tree_hidden_states
 from mthlib.models import enable_activation_checkpointing
-from tests.conftest import make_tiny_lm
+from tests.grpo.test_decode_step import tiny as decode_tiny
 from tests.grpo.test_prefix_tree import batch, group_rows
 
 
 def tiny(kind: str) -> torch.nn.Module:
-    """A tiny Llama (4 query heads on 2 key heads, 3 layers), one with untied embeddings, or a Qwen2 (q/k/v
-    biases, 6 query heads on 2 key heads: groups of 3, so a head-to-group mix-up shows)."""
-    if kind == "qwen2":
-        torch.manual_seed(0)
-        return AutoModelForCausalLM.from_config(Qwen2Config(
-            vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=6,
-            num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0))
-    return make_tiny_lm(tie=kind != "untied", layers=3)
+    """The decode step's tiny models, the Qwen2 with 6 query heads on 2 key heads: groups of 3, so a
+    head-to-group mix-up shows."""
+    return decode_tiny(kind, qwen2_heads=6)
 
 
 def trees_of(packs_per_prompt_cost: float = 1e9, seed: int = 0):
