@@ -47,6 +47,7 @@ line; the ``mth fit`` runs are read from their CSVLogger ``metrics.csv``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -82,6 +83,13 @@ FIXED_BATCH = {  # fixed-batch variant -> bench/train_step.py's mask arguments
     "fisher99": ["--mask", "file"],  # with --mask_path: the mask mthlib_fisher99 trained
 }
 VERIFY_EVERY = 50  # MaskCallback's default: steps between two frozen-entry checks
+BENCH_EXTRA = {"trl_full": ("trl",), "trl_shira": ("trl", "peft")}  # variant -> what it imports from the bench extra
+
+
+def missing_packages(variants: list[str]) -> list[str]:
+    """The packages of the ``bench`` extra that ``variants`` import and this environment lacks."""
+    needed = dict.fromkeys(package for variant in variants for package in BENCH_EXTRA.get(variant, ()))
+    return [package for package in needed if importlib.util.find_spec(package) is None]
 
 
 def mean_after_warmup(values: list[float]) -> float:
@@ -341,6 +349,11 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    missing = missing_packages(variants)
+    if missing:
+        needing = [v for v in variants if set(BENCH_EXTRA.get(v, ())) & set(missing)]
+        raise SystemExit(f"not installed: {', '.join(missing)} (for {', '.join(needing)}); pip install -e \".[bench]\", "
+                         "or leave those variants out with --only")
     from mthlib.models import resolve_model_path
 
     args.model = resolve_model_path(args.model)  # TRL and generate read the same local folder mthlib trains

@@ -118,6 +118,7 @@ SKIPPED: dict[tuple[str, str], tuple[str, str]] = {
                                     "--trainer.accelerator gpu"): (GPU, "true"),
     ("docs/tutorials/packing.rst", "python bench/prefix_packing.py --prompts 2 --generations 8 --max_new_tokens 48"): (
         "a benchmark of the real embedded model, run from the repository", "true"),
+    ("docs/tutorials/precision.rst", 'pip install -e ".[bench]"'): (INSTALL, "true"),
     ("docs/tutorials/precision.rst", "python bench/step_parts.py"): (
         "a benchmark of the real embedded model, run from the repository", "true"),
     ("docs/tutorials/precision.rst", "python bench/side_by_side.py --steps 4 --rollout_engine native --rollout_dtype bfloat16 "
