@@ -29,13 +29,12 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mthlib.grpo.decode_step import decode_logits
 from mthlib.grpo.engines import NativeEngine
 from mthlib.grpo.kv_cache import prefill
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
 from mthlib.grpo.prefix_tree import pack_prefix_trees, scores_per_token
 from mthlib.grpo.rollout import prompt_tokens
 from mthlib.grpo.token_scores import token_scores

@@ -22,7 +22,7 @@ def side_by_side(monkeypatch: pytest.MonkeyPatch):
 
 
 def pretend(monkeypatch: pytest.MonkeyPatch, installed: set[str]) -> None:
-    """Make, to ``importlib.util.find_spec``, the bench extra's ``trl`` and ``peft`` look installed only if in ``installed``."""
+    """Make the bench extra's ``trl`` and ``peft`` look installed to ``find_spec`` only if in ``installed``."""
     def find_spec(name: str, *args):
         if name in ("trl", "peft"):
             return object() if name in installed else None
@@ -42,7 +42,9 @@ def test_missing_packages_names_only_what_the_chosen_variants_import(side_by_sid
     assert side_by_side.missing_packages(list(side_by_side.VARIANTS)) == []
 
 
-def test_a_variant_without_its_packages_stops_the_run_in_one_line_before_any_work(side_by_side, monkeypatch, tmp_path):
+def test_a_variant_without_its_packages_stops_the_run_in_one_line_before_any_work(
+    side_by_side, monkeypatch, tmp_path
+):
     pretend(monkeypatch, installed={"trl"})
     monkeypatch.setattr(sys, "argv", ["side_by_side.py", "--only", "trl_full,trl_shira,mthlib_dense",
                                       "--model", str(tmp_path / "no_model_here"), "--out", str(tmp_path / "out")])
@@ -57,8 +59,10 @@ def test_a_variant_without_its_packages_stops_the_run_in_one_line_before_any_wor
 
 def test_the_script_itself_exits_with_the_line(tmp_path):
     """Run as a command in a Python where ``trl`` cannot be imported (a ``None`` entry in ``sys.modules``)."""
-    code = ("import runpy, sys; sys.modules['trl'] = None; sys.argv = ['side_by_side.py', '--only', 'trl_full', '--model', 'no_model_here']; "
-            f"sys.path.insert(0, {str(BENCH)!r}); runpy.run_path({str(BENCH / 'side_by_side.py')!r}, run_name='__main__')")
+    code = ("import runpy, sys; sys.modules['trl'] = None; "
+            "sys.argv = ['side_by_side.py', '--only', 'trl_full', '--model', 'no_model_here']; "
+            f"sys.path.insert(0, {str(BENCH)!r}); "
+            f"runpy.run_path({str(BENCH / 'side_by_side.py')!r}, run_name='__main__')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (

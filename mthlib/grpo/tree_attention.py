@@ -10,10 +10,10 @@ that is ~4x the ~50k scores the tree needs. On a 2-core CPU, ``sdpa``'s flash ke
 
 :func:`tree_hidden_states` runs the decoder's modules itself, as the model's forward does
 (:func:`~mthlib.grpo.decode_step.layer_forward`: norms, projections, ``apply_rotary_pos_emb``,
-MLP, in the same order), and replaces the attention by :func:`block_attention`: the nodes are cut into blocks of consecutive nodes,
-and each block's queries meet only the keys some node of the block may attend to (its
-ancestors: the prompt and the block's own branch, :func:`tree_blocks`), in fp32 under
-the tree's mask. The values equal the masked forward's up to floating-point rounding
+MLP, in the same order), and replaces the attention by :func:`block_attention`: the nodes
+are cut into blocks of consecutive nodes, and each block's queries meet only the keys some
+node of the block may attend to (its ancestors: the prompt and the block's own branch,
+:func:`tree_blocks`), in fp32 under the tree's mask. The values equal the masked forward's up to floating-point rounding
 (``tests/grpo/test_tree_attention.py``). Activation checkpointing follows the layers'
 own setting.
 
@@ -82,9 +82,10 @@ def _blocks_of(mask: torch.Tensor, size: int) -> TreeBlocks:
     rows[:, :width] = mask
     rows = rows.view(packs, count, size, width)
     union = rows.any(dim=2)  # (P, B, S)
-    num_keys = max(int(union.sum(dim=-1).max()), 1)
+    counts = union.sum(dim=-1, keepdim=True)  # keys of each block
+    num_keys = max(int(counts.max()), 1)
     keys = torch.argsort((~union).to(torch.int8), dim=-1, stable=True)[..., :num_keys]  # the union's nodes first
-    valid = torch.arange(num_keys, device=mask.device) < union.sum(dim=-1, keepdim=True)
+    valid = torch.arange(num_keys, device=mask.device) < counts
     keys = keys.masked_fill(~valid, 0)
     allowed = rows.gather(-1, keys[:, :, None, :].expand(-1, -1, size, -1)) & valid[:, :, None, :]
     padding = torch.arange(count * size, device=mask.device).view(count, size) >= width

@@ -10,9 +10,9 @@ import torch
 
 from mthlib.data import PromptDataModule
 from mthlib.grpo import GRPOModule
+from mthlib.grpo import rollout as rollout_module
 from mthlib.grpo.loss import Normalizer, group_advantages
 from mthlib.grpo.objective import GRPOObjective
-from mthlib.grpo import rollout as rollout_module
 from mthlib.grpo.policy_copy import copy_weights
 from mthlib.grpo.prefix_tree import pack_prefix_trees
 from mthlib.grpo.rollout import generate_rollout
